@@ -1,0 +1,361 @@
+//! Nearest-neighbour residual features (spec §3.3).
+//!
+//! For every query feature of a level: find the bank row of largest **cosine** similarity (the
+//! authors' code, not the paper's L2 wording), lowest row index on ties, and emit
+//! `residual = raw query − raw bank row`.
+//!
+//! The similarity is one blocked matrix product of the unit-normalised queries against the
+//! unit-normalised bank, taken [`BANK_BLOCK`] bank rows at a time with a running argmax, so the
+//! full `queries × rows` similarity matrix never exists (the CUDA twin fuses the same way).
+
+use crate::gemm::{flops, matmul, Par, Rhs};
+use crate::KernelError;
+use half::f16;
+use rayon::prelude::*;
+
+/// Bank rows per similarity block: 256 queries × 512 rows × 4 B = 512 KiB, an L2's worth.
+pub const BANK_BLOCK: usize = 512;
+
+/// PyTorch `F.normalize` epsilon: a zero vector stays zero (similarity 0 with everything).
+const NORM_EPS: f64 = 1e-12;
+
+/// Element type of a stored bank.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BankDtype {
+    /// Half precision (edge-ad default): half the memory, maps within 2.6e-3 of f32 (spec §3.3).
+    F16,
+    /// Single precision: exact conformance with the reference.
+    F32,
+}
+
+impl BankDtype {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            BankDtype::F16 => 2,
+            BankDtype::F32 => 4,
+        }
+    }
+    /// Lower-case name used in files and on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            BankDtype::F16 => "f16",
+            BankDtype::F32 => "f32",
+        }
+    }
+}
+
+/// The reference features of one level: `rows × channels`, raw (not normalised), spec §3.1 layout.
+///
+/// In memory the rows are kept widened to f32 (the values *are* the fp16-rounded ones for an f16
+/// bank, so search and subtraction see exactly the stored bank) together with their unit-normalised
+/// copy, computed once here and never per frame.
+#[derive(Debug, Clone)]
+pub struct LevelBank {
+    rows: usize,
+    channels: usize,
+    dtype: BankDtype,
+    raw: Vec<f32>,
+    unit: Vec<f32>,
+}
+
+impl LevelBank {
+    /// A bank from f32 features, rounded to `dtype`.
+    pub fn new(
+        rows: usize,
+        channels: usize,
+        features: &[f32],
+        dtype: BankDtype,
+    ) -> Result<Self, KernelError> {
+        if rows == 0 || channels == 0 || features.len() != rows * channels {
+            return Err(KernelError::Shape(format!(
+                "bank of {rows} rows × {channels} channels needs {} values, got {}",
+                rows * channels,
+                features.len()
+            )));
+        }
+        let raw: Vec<f32> = match dtype {
+            BankDtype::F32 => features.to_vec(),
+            BankDtype::F16 => features
+                .iter()
+                .map(|&v| f16::from_f32(v).to_f32())
+                .collect(),
+        };
+        let mut unit = vec![0.0f32; raw.len()];
+        normalise_rows(&raw, channels, &mut unit);
+        Ok(Self {
+            rows,
+            channels,
+            dtype,
+            raw,
+            unit,
+        })
+    }
+
+    /// A bank from stored half-precision features.
+    pub fn from_f16(rows: usize, channels: usize, features: &[f16]) -> Result<Self, KernelError> {
+        let wide: Vec<f32> = features.iter().map(|v| v.to_f32()).collect();
+        Self::new(rows, channels, &wide, BankDtype::F16)
+    }
+
+    /// Number of reference features.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+    /// Feature width.
+    pub fn channels(&self) -> usize {
+        self.channels
+    }
+    /// Storage precision.
+    pub fn dtype(&self) -> BankDtype {
+        self.dtype
+    }
+    /// Raw features, `rows × channels` (fp16-rounded values for an f16 bank).
+    pub fn raw(&self) -> &[f32] {
+        &self.raw
+    }
+    /// Raw features in half precision, for writing an f16 bank.
+    pub fn to_f16(&self) -> Vec<f16> {
+        self.raw.iter().map(|&v| f16::from_f32(v)).collect()
+    }
+}
+
+/// Row-wise `v / max(‖v‖₂, 1e-12)` as PyTorch `F.normalize`: the norm is taken in f64 and rounded
+/// once, then each element is divided in f32 (a division, not a reciprocal multiply, so rows that
+/// differ by a power of two normalise to identical bits, which exact ties rely on).
+pub fn normalise_rows(src: &[f32], channels: usize, dst: &mut [f32]) {
+    for (s, d) in src
+        .chunks_exact(channels)
+        .zip(dst.chunks_exact_mut(channels))
+    {
+        let n = s
+            .iter()
+            .map(|&v| v as f64 * v as f64)
+            .sum::<f64>()
+            .sqrt()
+            .max(NORM_EPS) as f32;
+        for (o, &v) in d.iter_mut().zip(s) {
+            *o = v / n;
+        }
+    }
+}
+
+/// Per-frame scratch space of [`nearest_residual`]; allocated once, reused.
+#[derive(Debug, Default)]
+pub struct ResidualWorkspace {
+    unit_queries: Vec<f32>,
+    block: Vec<f32>,
+    best: Vec<(f32, u32)>,
+}
+
+/// Nearest bank row (cosine, first index on ties) for each of the `queries.len() / C` query rows,
+/// and `residual = query − bank[idx]` (spec §3.3).
+///
+/// `queries` and `residual` are `n × C` row-major; `argmax` has `n` entries.
+pub fn nearest_residual(
+    queries: &[f32],
+    bank: &LevelBank,
+    ws: &mut ResidualWorkspace,
+    argmax: &mut [u32],
+    residual: &mut [f32],
+    par: Par,
+) -> Result<(), KernelError> {
+    let c = bank.channels;
+    if !queries.len().is_multiple_of(c) {
+        return Err(KernelError::Shape(format!(
+            "queries of {} values are not rows of the bank's {c} channels",
+            queries.len()
+        )));
+    }
+    let n = queries.len() / c;
+    if argmax.len() != n || residual.len() != queries.len() {
+        return Err(KernelError::Shape(format!(
+            "outputs for {n} queries: argmax {} (want {n}), residual {} (want {})",
+            argmax.len(),
+            residual.len(),
+            queries.len()
+        )));
+    }
+    ws.unit_queries.resize(queries.len(), 0.0);
+    normalise_rows(queries, c, &mut ws.unit_queries);
+    let block_rows = BANK_BLOCK.min(bank.rows);
+    ws.block.resize(n * block_rows, 0.0);
+    ws.best.clear();
+    ws.best.resize(n, (f32::NEG_INFINITY, 0));
+
+    let mut start = 0;
+    while start < bank.rows {
+        let rows = block_rows.min(bank.rows - start);
+        let sim = &mut ws.block[..n * rows];
+        matmul(
+            n,
+            rows,
+            c,
+            &ws.unit_queries,
+            &bank.unit[start * c..(start + rows) * c],
+            Rhs::NxK,
+            sim,
+            false,
+            par,
+        );
+        let update = |(best, row): (&mut (f32, u32), &[f32])| {
+            for (j, &s) in row.iter().enumerate() {
+                // Strictly greater: the earlier (lower) index keeps a tie. NaN never wins.
+                if s > best.0 {
+                    *best = (s, (start + j) as u32);
+                }
+            }
+        };
+        match par {
+            Par::Pool => ws
+                .best
+                .par_iter_mut()
+                .zip(sim.par_chunks(rows))
+                .for_each(update),
+            Par::Single => ws.best.iter_mut().zip(sim.chunks(rows)).for_each(update),
+        }
+        start += rows;
+    }
+
+    for (i, (q, r)) in queries
+        .chunks_exact(c)
+        .zip(residual.chunks_exact_mut(c))
+        .enumerate()
+    {
+        let idx = ws.best[i].1;
+        argmax[i] = idx;
+        let b = &bank.raw[idx as usize * c..(idx as usize + 1) * c];
+        for ((o, &qv), &bv) in r.iter_mut().zip(q).zip(b) {
+            *o = qv - bv;
+        }
+    }
+    Ok(())
+}
+
+/// Floating-point work of one [`nearest_residual`] call (the similarity product).
+pub fn residual_flops(queries: usize, bank_rows: usize, channels: usize) -> f64 {
+    flops(queries, bank_rows, channels)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn brute(queries: &[f32], bank: &[f32], c: usize) -> Vec<u32> {
+        let unit = |v: &[f32]| -> Vec<f64> {
+            let n = v
+                .iter()
+                .map(|&x| x as f64 * x as f64)
+                .sum::<f64>()
+                .sqrt()
+                .max(1e-12);
+            v.iter().map(|&x| x as f64 / n).collect()
+        };
+        queries
+            .chunks(c)
+            .map(|q| {
+                let q = unit(q);
+                let mut best = (f64::NEG_INFINITY, 0u32);
+                for (j, b) in bank.chunks(c).enumerate() {
+                    let s: f64 = unit(b).iter().zip(&q).map(|(a, b)| a * b).sum();
+                    if s > best.0 {
+                        best = (s, j as u32);
+                    }
+                }
+                best.1
+            })
+            .collect()
+    }
+
+    #[test]
+    fn ties_take_lowest_index_and_zero_query_takes_row_zero() {
+        // rows 1 and 3 are the same direction as row 2 (scaled by 2 and 0.5): a three-way tie.
+        let bank = [1.0, 0.0, 0.0, 1.0, 0.0, 2.0, 0.0, 0.5, -1.0, 0.0];
+        let queries = [0.0, 3.0, 0.0, 0.0, -2.0, 0.1, 5.0, 0.0];
+        let b = LevelBank::new(5, 2, &bank, BankDtype::F32).unwrap();
+        let mut idx = [9u32; 4];
+        let mut res = [0.0f32; 8];
+        nearest_residual(
+            &queries,
+            &b,
+            &mut Default::default(),
+            &mut idx,
+            &mut res,
+            Par::Single,
+        )
+        .unwrap();
+        assert_eq!(idx, [1, 0, 4, 0]);
+        assert_eq!(res, [0.0, 2.0, -1.0, 0.0, -1.0, 0.1, 4.0, 0.0]);
+    }
+
+    #[test]
+    fn blocked_search_equals_brute_force_across_block_edges() {
+        let c = 16;
+        let rows = BANK_BLOCK * 2 + 37;
+        let mut seed = 7u64;
+        let mut rnd = || {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+        };
+        let bank: Vec<f32> = (0..rows * c).map(|_| rnd()).collect();
+        let queries: Vec<f32> = (0..50 * c).map(|_| rnd()).collect();
+        let b = LevelBank::new(rows, c, &bank, BankDtype::F32).unwrap();
+        let mut idx = vec![0u32; 50];
+        let mut res = vec![0.0f32; 50 * c];
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            nearest_residual(
+                &queries,
+                &b,
+                &mut Default::default(),
+                &mut idx,
+                &mut res,
+                Par::Pool,
+            )
+        })
+        .unwrap();
+        assert_eq!(idx, brute(&queries, &bank, c));
+        let i0 = idx[0] as usize;
+        assert_eq!(res[3], queries[3] - bank[i0 * c + 3]);
+    }
+
+    #[test]
+    fn f16_bank_subtracts_the_rounded_row() {
+        let bank = [0.1f32, 0.2, 0.3, 0.4];
+        let b = LevelBank::new(2, 2, &bank, BankDtype::F16).unwrap();
+        let mut idx = [0u32; 1];
+        let mut res = [0.0f32; 2];
+        nearest_residual(
+            &[0.3, 0.4],
+            &b,
+            &mut Default::default(),
+            &mut idx,
+            &mut res,
+            Par::Single,
+        )
+        .unwrap();
+        assert_eq!(idx, [1]);
+        assert_eq!(res[0], 0.3 - f16::from_f32(0.3).to_f32());
+        assert_ne!(res[0], 0.0);
+    }
+
+    #[test]
+    fn shape_errors_are_reported_not_panicked() {
+        assert!(LevelBank::new(2, 3, &[0.0; 5], BankDtype::F32).is_err());
+        let b = LevelBank::new(1, 3, &[1.0; 3], BankDtype::F32).unwrap();
+        let r = nearest_residual(
+            &[1.0; 4],
+            &b,
+            &mut Default::default(),
+            &mut [0],
+            &mut [0.0; 4],
+            Par::Single,
+        );
+        assert!(r.is_err());
+    }
+}

@@ -1,0 +1,173 @@
+//! `edge-ad bench`: per-stage medians over real frames, and this machine's SGEMM rate measured in
+//! the same run on the same threads, so kernel efficiency reads as a fraction of it.
+
+use crate::error::{Error, Result};
+use crate::images::list_images;
+use crate::pipeline::{Features, Pipeline};
+use crate::preprocess::Rgb8;
+use edge_ad_kernels::gemm::{flops, matmul, Rhs};
+use edge_ad_kernels::{residual::residual_flops, BankDtype, Par};
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Benchmark settings.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// Folder of images: the first `refs` (sorted) build the bank, the rest are frames.
+    pub images: PathBuf,
+    /// Reference images in the bank.
+    pub refs: usize,
+    /// Timed frames (at least 20).
+    pub frames: usize,
+    /// Untimed frames first.
+    pub warmup: usize,
+    /// Bank precision.
+    pub bank_dtype: BankDtype,
+}
+
+/// Medians of a benchmark run (milliseconds, GFLOP/s).
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    /// Threads of the shared pool.
+    pub threads: usize,
+    /// Timed frames.
+    pub frames: usize,
+    /// Reference images in the bank.
+    pub refs: usize,
+    /// Bank rows per level.
+    pub bank_rows: usize,
+    /// Preprocessing (resize, fit, normalise).
+    pub preprocess_ms: f64,
+    /// Backbone forward pass.
+    pub backbone_ms: f64,
+    /// Residual search, all levels.
+    pub residual_ms: f64,
+    /// Projector, all levels (only with a projector).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub projector_ms: Option<f64>,
+    /// FeatureNorm scoring.
+    pub score_ms: f64,
+    /// Whole frame, preprocessing included.
+    pub total_ms: f64,
+    /// Residual similarity product rate.
+    pub residual_gflops: f64,
+    /// Projector rate (only with a projector).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub projector_gflops: Option<f64>,
+    /// This machine's SGEMM rate at the residual product's size, same threads.
+    pub sgemm_gflops: f64,
+    /// `total_ms / backbone_ms`.
+    pub total_over_backbone: f64,
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        0.5 * (v[n / 2 - 1] + v[n / 2])
+    }
+}
+
+/// SGEMM rate (GFLOP/s) of an `m×n×k` product on the pipeline's pool, median of `reps`.
+pub fn sgemm_gflops(pipeline: &Pipeline, m: usize, n: usize, k: usize, reps: usize) -> f64 {
+    let a: Vec<f32> = (0..m * k).map(|i| (i % 17) as f32 * 0.01).collect();
+    let b: Vec<f32> = (0..n * k).map(|i| (i % 13) as f32 * 0.01).collect();
+    let mut c = vec![0.0f32; m * n];
+    let mut times: Vec<f64> = pipeline.pool().install(|| {
+        matmul(m, n, k, &a, &b, Rhs::NxK, &mut c, false, Par::Pool);
+        (0..reps)
+            .map(|_| {
+                let t = Instant::now();
+                matmul(m, n, k, &a, &b, Rhs::NxK, &mut c, false, Par::Pool);
+                t.elapsed().as_secs_f64()
+            })
+            .collect()
+    });
+    flops(m, n, k) / median(&mut times) / 1e9
+}
+
+/// Run the benchmark.
+pub fn run(
+    pipeline: &mut Pipeline,
+    opts: &BenchOptions,
+    mut progress: impl FnMut(&str),
+) -> Result<BenchReport> {
+    let files = list_images(&opts.images)?;
+    if files.len() < opts.refs + 1 {
+        return Err(Error::Invalid(format!(
+            "{}: {} images; bench needs {} references plus at least one frame",
+            opts.images.display(),
+            files.len(),
+            opts.refs
+        )));
+    }
+    let load = |p: &Path| Rgb8::open(p);
+    progress(&format!("building a bank from {} references", opts.refs));
+    let mut refs: Vec<Features> = Vec::with_capacity(opts.refs);
+    for p in &files[..opts.refs] {
+        refs.push(pipeline.features(&load(p)?, p)?);
+    }
+    let bank = pipeline.build_bank(&refs, opts.bank_dtype)?;
+    let frames: Vec<(PathBuf, Rgb8)> = files[opts.refs..]
+        .iter()
+        .map(|p| Ok((p.clone(), load(p)?)))
+        .collect::<Result<_>>()?;
+    let frames_n = opts.frames.max(20);
+    progress(&format!(
+        "{} warm-up + {} timed frames on {} threads",
+        opts.warmup,
+        frames_n,
+        pipeline.threads()
+    ));
+    let mut t: Vec<Vec<f64>> = (0..6).map(|_| Vec::with_capacity(frames_n)).collect();
+    for i in 0..opts.warmup + frames_n {
+        let (p, img) = &frames[i % frames.len()];
+        let r = pipeline.inspect(img, p, &bank)?;
+        if i >= opts.warmup {
+            let tm = r.timings;
+            for (v, x) in t.iter_mut().zip([
+                tm.preprocess_ms,
+                tm.backbone_ms,
+                tm.residual_ms,
+                tm.projector_ms,
+                tm.score_ms,
+                tm.total_ms,
+            ]) {
+                v.push(x);
+            }
+        }
+    }
+    let [pre, bb, res, proj, score, total] = [0, 1, 2, 3, 4, 5].map(|i| median(&mut t[i]));
+    let d = &pipeline.description().desc;
+    let (p, c) = (d.positions(), d.features.channels);
+    let rows = bank.levels[0].rows();
+    let res_flops: f64 = bank
+        .levels
+        .iter()
+        .map(|l| residual_flops(p, l.rows(), c))
+        .sum();
+    let proj_flops = pipeline
+        .projector()
+        .map(|pr| pr.levels().iter().map(|l| l.flops(p)).sum::<f64>());
+    progress("measuring SGEMM at the residual product's size");
+    let sgemm = sgemm_gflops(pipeline, p, rows, c, 30);
+    Ok(BenchReport {
+        threads: pipeline.threads(),
+        frames: frames_n,
+        refs: opts.refs,
+        bank_rows: rows,
+        preprocess_ms: pre,
+        backbone_ms: bb,
+        residual_ms: res,
+        projector_ms: proj_flops.map(|_| proj),
+        score_ms: score,
+        total_ms: total,
+        residual_gflops: res_flops / (res * 1e-3) / 1e9,
+        projector_gflops: proj_flops.map(|f| f / (proj * 1e-3) / 1e9),
+        sgemm_gflops: sgemm,
+        total_over_backbone: total / bb,
+    })
+}

@@ -1,0 +1,15 @@
+//! edge-ad runtime: the model description, frame preparation, the tract backbone and the one
+//! inspection pipeline that every command (calibrate, inspect, bench, demo, the line daemon) uses.
+
+pub mod backbone;
+pub mod bench;
+pub mod error;
+pub mod images;
+pub mod model;
+pub mod pipeline;
+pub mod preprocess;
+
+pub use error::{Error, Result};
+pub use model::{Fit, LoadedDescription, ModelDescription};
+pub use pipeline::{Bank, Inspection, Pipeline, PipelineOptions, Timings};
+pub use preprocess::Rgb8;

@@ -1,0 +1,340 @@
+//! The model description: a TOML file saying what the backbone is, how to feed it and where to tap
+//! it (spec §1–§2). Its hash is part of every bank's identity.
+//!
+//! ```toml
+//! onnx = "vit_s_focus.onnx"          # relative to this file; --onnx overrides it
+//! [input]
+//! size = [224, 224]                   # network input, height × width
+//! resize = 224                        # shorter side before the crop (fit = "crop")
+//! fit = "crop"                        # crop | stretch | pad
+//! mean = [0.485, 0.456, 0.406]
+//! std = [0.229, 0.224, 0.225]
+//! [features]
+//! layout = "tokens"                   # tokens [N, prefix + h·w, C] | maps [N, C, h, w]
+//! prefix_tokens = 1                   # CLS + registers to drop (tokens only)
+//! grid = [16, 16]
+//! channels = 384
+//! [[taps]]
+//! level = 1
+//! output = "/backbone/encoder/layer.2/Add_1_output_0"
+//! ```
+
+use crate::error::{Error, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// How a frame is brought to the network's input size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Fit {
+    /// Shorter side to `resize`, then a centre crop: the reference pipeline (spec §1); drops the
+    /// ends of long parts.
+    #[default]
+    Crop,
+    /// Both sides to the input size: everything kept, aspect changed.
+    Stretch,
+    /// Longer side to the input size, centred, the rest filled with the mean colour.
+    Pad,
+}
+
+impl std::str::FromStr for Fit {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "crop" => Ok(Fit::Crop),
+            "stretch" => Ok(Fit::Stretch),
+            "pad" => Ok(Fit::Pad),
+            other => Err(format!(
+                "unknown fit `{other}`: expected crop, stretch or pad"
+            )),
+        }
+    }
+}
+
+/// Tensor layout of the tapped outputs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Layout {
+    /// ViT tokens `[N, prefix + h·w, C]`, patch tokens row-major.
+    Tokens,
+    /// CNN feature maps `[N, C, h, w]`.
+    Maps,
+}
+
+/// Input section of the description.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Input {
+    /// ONNX input name; the graph's first input when absent.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Network input `[height, width]`.
+    pub size: [usize; 2],
+    /// Shorter side after resizing, for `fit = "crop"` (at least the larger input side).
+    pub resize: usize,
+    /// How frames are fitted to the input.
+    #[serde(default)]
+    pub fit: Fit,
+    /// Per-channel mean (RGB) subtracted after scaling to [0, 1].
+    pub mean: [f32; 3],
+    /// Per-channel standard deviation (RGB).
+    pub std: [f32; 3],
+    /// Smallest accepted image side in pixels: smaller images are refused rather than blown up.
+    #[serde(default = "default_min_side")]
+    pub min_side: usize,
+}
+
+fn default_min_side() -> usize {
+    32
+}
+
+/// Feature layout section.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Features {
+    /// Tokens or maps.
+    pub layout: Layout,
+    /// Leading tokens to drop (CLS, registers); tokens only.
+    #[serde(default)]
+    pub prefix_tokens: usize,
+    /// Feature grid `[h, w]`.
+    pub grid: [usize; 2],
+    /// Channels per level.
+    pub channels: usize,
+}
+
+/// One tapped graph output.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tap {
+    /// Level number, 1-based, levels in increasing order.
+    pub level: usize,
+    /// ONNX node output name.
+    pub output: String,
+}
+
+/// Scoring section (spec §5).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Score {
+    /// Gaussian sigma of the map smoothing, in map pixels.
+    #[serde(default = "default_sigma")]
+    pub sigma: f64,
+    /// `code` (`sqrt(‖e‖+1)−1`, the authors' code) or `paper` (`sqrt(‖e‖²+1)−1`).
+    #[serde(default = "default_norm")]
+    pub norm: String,
+}
+
+fn default_sigma() -> f64 {
+    4.0
+}
+fn default_norm() -> String {
+    "code".into()
+}
+impl Default for Score {
+    fn default() -> Self {
+        Self {
+            sigma: default_sigma(),
+            norm: default_norm(),
+        }
+    }
+}
+
+/// A parsed, validated model description.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelDescription {
+    /// A name for humans and logs.
+    #[serde(default)]
+    pub name: String,
+    /// ONNX file, relative to the description's folder.
+    pub onnx: PathBuf,
+    /// Input preparation.
+    pub input: Input,
+    /// Feature layout.
+    pub features: Features,
+    /// Tapped outputs, one per level.
+    pub taps: Vec<Tap>,
+    /// Scoring parameters.
+    #[serde(default)]
+    pub score: Score,
+}
+
+/// A description with where it came from.
+#[derive(Debug, Clone)]
+pub struct LoadedDescription {
+    /// The parsed description.
+    pub desc: ModelDescription,
+    /// The TOML file.
+    pub path: PathBuf,
+    /// The TOML bytes, for hashing into bank identities.
+    pub bytes: Vec<u8>,
+}
+
+impl LoadedDescription {
+    /// The ONNX file: `onnx_override` if given, else the description's path resolved against the
+    /// TOML file's folder.
+    pub fn onnx_path(&self, onnx_override: Option<&Path>) -> PathBuf {
+        match onnx_override {
+            Some(p) => p.to_path_buf(),
+            None => self
+                .path
+                .parent()
+                .unwrap_or(Path::new("."))
+                .join(&self.desc.onnx),
+        }
+    }
+}
+
+impl ModelDescription {
+    /// Read and validate a description.
+    pub fn load(path: &Path) -> Result<LoadedDescription> {
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let text = std::str::from_utf8(&bytes).map_err(|e| Error::ModelDescription {
+            path: path.into(),
+            message: format!("not UTF-8 text: {e}"),
+        })?;
+        let desc = Self::parse(text).map_err(|message| Error::ModelDescription {
+            path: path.into(),
+            message,
+        })?;
+        Ok(LoadedDescription {
+            desc,
+            path: path.into(),
+            bytes,
+        })
+    }
+
+    /// Parse and validate TOML text; the error names the offending field.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let desc: ModelDescription =
+            toml::from_str(text).map_err(|e| e.to_string().trim_end().to_string())?;
+        desc.validate()?;
+        Ok(desc)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        let i = &self.input;
+        if i.size[0] == 0 || i.size[1] == 0 {
+            return Err(format!("input.size: {:?} must be positive", i.size));
+        }
+        if i.fit == Fit::Crop && i.resize < i.size[0].max(i.size[1]) {
+            return Err(format!(
+                "input.resize: {} is smaller than the crop {}×{}: the crop would leave the image",
+                i.resize, i.size[0], i.size[1]
+            ));
+        }
+        for (c, &s) in i.std.iter().enumerate() {
+            if !(s.is_finite() && s > 0.0) {
+                return Err(format!("input.std[{c}]: {s} must be a positive number"));
+            }
+        }
+        if i.mean.iter().any(|m| !m.is_finite()) {
+            return Err(format!("input.mean: {:?} must be finite", i.mean));
+        }
+        let f = &self.features;
+        if f.grid[0] == 0 || f.grid[1] == 0 {
+            return Err(format!("features.grid: {:?} must be positive", f.grid));
+        }
+        if f.channels == 0 {
+            return Err("features.channels: must be positive".into());
+        }
+        if f.layout == Layout::Maps && f.prefix_tokens != 0 {
+            return Err("features.prefix_tokens: only meaningful with layout = \"tokens\"".into());
+        }
+        if self.taps.is_empty() {
+            return Err("taps: at least one tap is needed".into());
+        }
+        for (k, t) in self.taps.iter().enumerate() {
+            if t.level != k + 1 {
+                return Err(format!(
+                    "taps[{k}].level: {} (levels must be 1, 2, … in order)",
+                    t.level
+                ));
+            }
+            if t.output.is_empty() {
+                return Err(format!("taps[{k}].output: empty"));
+            }
+        }
+        if !(self.score.sigma.is_finite() && self.score.sigma > 0.0) {
+            return Err(format!(
+                "score.sigma: {} must be positive",
+                self.score.sigma
+            ));
+        }
+        self.norm_form()?;
+        Ok(())
+    }
+
+    /// The FeatureNorm form named by `score.norm`.
+    pub fn norm_form(&self) -> Result<edge_ad_kernels::NormForm, String> {
+        match self.score.norm.as_str() {
+            "code" => Ok(edge_ad_kernels::NormForm::Code),
+            "paper" => Ok(edge_ad_kernels::NormForm::Paper),
+            other => Err(format!(
+                "score.norm: `{other}` (expected \"code\" or \"paper\")"
+            )),
+        }
+    }
+
+    /// Positions per level (`h·w`).
+    pub fn positions(&self) -> usize {
+        self.features.grid[0] * self.features.grid[1]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+onnx = "m.onnx"
+[input]
+size = [224, 224]
+resize = 224
+mean = [0.485, 0.456, 0.406]
+std = [0.229, 0.224, 0.225]
+[features]
+layout = "tokens"
+prefix_tokens = 1
+grid = [16, 16]
+channels = 384
+[[taps]]
+level = 1
+output = "a"
+"#;
+
+    #[test]
+    fn good_description_parses_with_defaults() {
+        let d = ModelDescription::parse(GOOD).unwrap();
+        assert_eq!(d.input.fit, Fit::Crop);
+        assert_eq!(d.score.sigma, 4.0);
+        assert_eq!(d.positions(), 256);
+    }
+
+    #[test]
+    fn missing_field_is_named() {
+        let e = ModelDescription::parse(&GOOD.replace("channels = 384\n", "")).unwrap_err();
+        assert!(e.contains("channels"), "{e}");
+    }
+
+    #[test]
+    fn wrong_type_and_unknown_field_are_named() {
+        let e =
+            ModelDescription::parse(&GOOD.replace("resize = 224", "resize = \"big\"")).unwrap_err();
+        assert!(e.contains("resize"), "{e}");
+        let e = ModelDescription::parse(&GOOD.replace("resize = 224", "resize = 224\nsqueeze = 1"))
+            .unwrap_err();
+        assert!(e.contains("squeeze"), "{e}");
+    }
+
+    #[test]
+    fn semantic_errors_are_named() {
+        let e = ModelDescription::parse(&GOOD.replace("resize = 224", "resize = 100")).unwrap_err();
+        assert!(e.starts_with("input.resize"), "{e}");
+        let e = ModelDescription::parse(&GOOD.replace("level = 1", "level = 2")).unwrap_err();
+        assert!(e.starts_with("taps[0].level"), "{e}");
+        let e = ModelDescription::parse(&GOOD.replace("0.229,", "0.0,")).unwrap_err();
+        assert!(e.starts_with("input.std[0]"), "{e}");
+    }
+}

@@ -1,0 +1,376 @@
+//! Bad input through the `edge-ad` binary: every case exits non-zero with a message that names the
+//! file (and field, key or shapes), and never panics.
+
+use safetensors::tensor::TensorView;
+use safetensors::Dtype;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+fn real_model() -> Option<PathBuf> {
+    let onnx = root().join("models/vit_s_focus.onnx");
+    if onnx.is_file() {
+        Some(onnx)
+    } else if std::env::var_os("CI").is_some() {
+        panic!("models/vit_s_focus.onnx missing in CI (tools/setup.sh fetches it)")
+    } else {
+        eprintln!("SKIPPED: models/vit_s_focus.onnx not fetched");
+        None
+    }
+}
+
+/// Run edge-ad; returns stderr after checking the exit is a clean failure.
+fn fails(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_edge-ad"))
+        .args(args)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "edge-ad {args:?} succeeded:\n{err}");
+    assert_eq!(out.status.code(), Some(2), "edge-ad {args:?}: {err}");
+    assert!(
+        !err.contains("panicked"),
+        "edge-ad {args:?} panicked:\n{err}"
+    );
+    err
+}
+
+/// A copy of models/dinov2-s.toml in `dir`, edited, pointing at the real (or a fake) ONNX.
+fn model_toml(dir: &Path, edit: impl Fn(String) -> String) -> PathBuf {
+    let text = std::fs::read_to_string(root().join("models/dinov2-s.toml")).unwrap();
+    let onnx = root().join("models/vit_s_focus.onnx");
+    let text = text.replace(
+        "onnx = \"vit_s_focus.onnx\"",
+        &format!("onnx = {:?}", onnx.to_str().unwrap()),
+    );
+    let p = dir.join("model.toml");
+    std::fs::write(&p, edit(text)).unwrap();
+    p
+}
+
+fn images_dir(dir: &Path, n: usize) -> PathBuf {
+    let d = dir.join("imgs");
+    std::fs::create_dir_all(&d).unwrap();
+    for i in 0..n {
+        let img = image::GrayImage::from_fn(120, 90, |x, y| {
+            image::Luma([((x * 7 + y * 3 + i as u32 * 11) % 256) as u8])
+        });
+        img.save(d.join(format!("img{i}.png"))).unwrap();
+    }
+    d
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn missing_onnx_names_the_file() {
+    let t = tempfile::tempdir().unwrap();
+    let m = model_toml(t.path(), |s| {
+        s.lines()
+            .map(|l| {
+                if l.starts_with("onnx") {
+                    "onnx = \"nope.onnx\""
+                } else {
+                    l
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    });
+    let err = fails(&["bench", "--model", s(&m), "--images", s(t.path())]);
+    assert!(
+        err.contains("nope.onnx") && err.contains("No such file"),
+        "{err}"
+    );
+}
+
+#[test]
+fn corrupt_onnx_names_the_file() {
+    let t = tempfile::tempdir().unwrap();
+    let m = model_toml(t.path(), |s| s);
+    let bad = t.path().join("corrupt.onnx");
+    std::fs::write(&bad, b"\x08\x07this is not a protobuf model at all").unwrap();
+    let err = fails(&[
+        "bench",
+        "--model",
+        s(&m),
+        "--onnx",
+        s(&bad),
+        "--images",
+        s(t.path()),
+    ]);
+    assert!(
+        err.contains("corrupt.onnx") && err.contains("cannot load the ONNX"),
+        "{err}"
+    );
+}
+
+#[test]
+fn model_description_missing_field_is_named() {
+    let t = tempfile::tempdir().unwrap();
+    let m = model_toml(t.path(), |s| s.replace("channels = 384\n", ""));
+    let err = fails(&["bench", "--model", s(&m), "--images", s(t.path())]);
+    assert!(
+        err.contains("model.toml") && err.contains("missing field `channels`"),
+        "{err}"
+    );
+}
+
+#[test]
+fn model_description_wrong_field_is_named() {
+    let t = tempfile::tempdir().unwrap();
+    let m = model_toml(t.path(), |s| {
+        s.replace("grid = [16, 16]", "grid = \"16x16\"")
+    });
+    let err = fails(&["bench", "--model", s(&m), "--images", s(t.path())]);
+    assert!(err.contains("model.toml") && err.contains("grid"), "{err}");
+    let m = model_toml(t.path(), |s| s.replace("fit = \"crop\"", "fit = \"zoom\""));
+    let err = fails(&["bench", "--model", s(&m), "--images", s(t.path())]);
+    assert!(err.contains("fit") && err.contains("zoom"), "{err}");
+}
+
+#[test]
+fn missing_model_description_names_the_file() {
+    let err = fails(&["bench", "--model", "/nonexistent/m.toml", "--images", "."]);
+    assert!(err.contains("/nonexistent/m.toml"), "{err}");
+}
+
+/// A projector for C = 16 (N_r = 4, SE width 8) with the authors' keys, one key edited by `tweak`.
+fn small_projector(
+    path: &Path,
+    levels: usize,
+    tweak: impl Fn(&str, Vec<usize>) -> Option<Vec<usize>>,
+) {
+    let c = 16;
+    let mut specs: Vec<(String, Vec<usize>)> = Vec::new();
+    for l in 1..=levels {
+        let p = format!("l{l}_proj.");
+        for (k, shape) in [
+            ("x_ref", vec![1, 4, c]),
+            ("ref_proj.project.weight", vec![c, c, 1]),
+            ("ref_proj.project.bias", vec![c]),
+            ("layers.0.cross_attn.in_proj_weight", vec![3 * c, c]),
+            ("layers.0.cross_attn.in_proj_bias", vec![3 * c]),
+            ("layers.0.cross_attn.out_proj.weight", vec![c, c]),
+            ("layers.0.cross_attn.out_proj.bias", vec![c]),
+            ("layers.0.mlp.fc1.weight", vec![4 * c, c]),
+            ("layers.0.mlp.fc1.bias", vec![4 * c]),
+            ("layers.0.mlp.se.fc1.weight", vec![8, 4 * c]),
+            ("layers.0.mlp.se.fc1.bias", vec![8]),
+            ("layers.0.mlp.se.fc2.weight", vec![4 * c, 8]),
+            ("layers.0.mlp.se.fc2.bias", vec![4 * c]),
+            ("layers.0.mlp.fc2.weight", vec![c, 4 * c]),
+            ("layers.0.mlp.fc2.bias", vec![c]),
+        ] {
+            let key = format!("{p}{k}");
+            if let Some(s) = tweak(&key, shape) {
+                specs.push((key, s));
+            }
+        }
+    }
+    let data: Vec<Vec<u8>> = specs
+        .iter()
+        .map(|(_, s)| vec![0u8; 4 * s.iter().product::<usize>()])
+        .collect();
+    let views: Vec<(String, TensorView<'_>)> = specs
+        .iter()
+        .zip(&data)
+        .map(|((k, s), d)| {
+            (
+                k.clone(),
+                TensorView::new(Dtype::F32, s.clone(), d).unwrap(),
+            )
+        })
+        .collect();
+    std::fs::write(path, safetensors::serialize(views, &None).unwrap()).unwrap();
+}
+
+#[test]
+fn projector_missing_key_is_named() {
+    let t = tempfile::tempdir().unwrap();
+    let m = model_toml(t.path(), |s| s);
+    let w = t.path().join("proj.safetensors");
+    small_projector(&w, 4, |k, s| {
+        (k != "l2_proj.layers.0.mlp.fc1.bias").then_some(s)
+    });
+    let err = fails(&[
+        "bench",
+        "--model",
+        s(&m),
+        "--projector",
+        s(&w),
+        "--images",
+        s(t.path()),
+    ]);
+    assert!(
+        err.contains("proj.safetensors")
+            && err.contains("missing tensor `l2_proj.layers.0.mlp.fc1.bias`"),
+        "{err}"
+    );
+}
+
+#[test]
+fn projector_wrong_shape_names_key_and_both_shapes() {
+    let t = tempfile::tempdir().unwrap();
+    let m = model_toml(t.path(), |s| s);
+    let w = t.path().join("proj.safetensors");
+    small_projector(&w, 4, |k, s| {
+        Some(if k == "l3_proj.layers.0.mlp.fc2.weight" {
+            vec![16, 32]
+        } else {
+            s
+        })
+    });
+    let err = fails(&[
+        "bench",
+        "--model",
+        s(&m),
+        "--projector",
+        s(&w),
+        "--images",
+        s(t.path()),
+    ]);
+    assert!(
+        err.contains("`l3_proj.layers.0.mlp.fc2.weight` has shape [16, 32], expected [16, 64]"),
+        "{err}"
+    );
+}
+
+#[test]
+fn projector_for_another_width_is_refused() {
+    let t = tempfile::tempdir().unwrap();
+    let m = model_toml(t.path(), |s| s);
+    let w = t.path().join("proj.safetensors");
+    small_projector(&w, 4, |_, s| Some(s));
+    let err = fails(&[
+        "bench",
+        "--model",
+        s(&m),
+        "--projector",
+        s(&w),
+        "--images",
+        s(t.path()),
+    ]);
+    assert!(
+        err.contains("16") && err.contains("384") && err.contains("proj.safetensors"),
+        "{err}"
+    );
+}
+
+#[test]
+fn projector_not_safetensors_is_refused() {
+    let t = tempfile::tempdir().unwrap();
+    let m = model_toml(t.path(), |s| s);
+    let w = t.path().join("proj.safetensors");
+    std::fs::write(&w, b"garbage").unwrap();
+    let err = fails(&[
+        "bench",
+        "--model",
+        s(&m),
+        "--projector",
+        s(&w),
+        "--images",
+        s(t.path()),
+    ]);
+    assert!(
+        err.contains("proj.safetensors") && err.contains("safetensors"),
+        "{err}"
+    );
+}
+
+#[test]
+fn unknown_tap_lists_nearest_names() {
+    let Some(_) = real_model() else { return };
+    let t = tempfile::tempdir().unwrap();
+    let m = model_toml(t.path(), |s| {
+        s.replace("layer.5/Add_1_output_0", "layer.5/Add_7_output_0")
+    });
+    let err = fails(&["bench", "--model", s(&m), "--images", s(t.path())]);
+    assert!(
+        err.contains("`/backbone/encoder/layer.5/Add_7_output_0`"),
+        "{err}"
+    );
+    assert!(
+        err.contains("nearest names: /backbone/encoder/layer.5/Add_1_output_0"),
+        "{err}"
+    );
+}
+
+#[test]
+fn truncated_image_names_the_file() {
+    let Some(_) = real_model() else { return };
+    let t = tempfile::tempdir().unwrap();
+    let m = model_toml(t.path(), |s| s);
+    let d = images_dir(t.path(), 2);
+    let bytes = std::fs::read(d.join("img1.png")).unwrap();
+    std::fs::write(d.join("img1.png"), &bytes[..bytes.len() / 2]).unwrap();
+    let err = fails(&[
+        "bench",
+        "--model",
+        s(&m),
+        "--refs",
+        "1",
+        "--images",
+        s(&d),
+        "--threads",
+        "1",
+    ]);
+    assert!(
+        err.contains("img1.png") && err.contains("cannot decode"),
+        "{err}"
+    );
+}
+
+#[test]
+fn image_too_small_is_refused() {
+    let Some(_) = real_model() else { return };
+    let t = tempfile::tempdir().unwrap();
+    let m = model_toml(t.path(), |s| s);
+    let d = images_dir(t.path(), 1);
+    image::GrayImage::new(12, 200)
+        .save(d.join("zz_tiny.png"))
+        .unwrap();
+    let err = fails(&[
+        "bench",
+        "--model",
+        s(&m),
+        "--refs",
+        "1",
+        "--images",
+        s(&d),
+        "--threads",
+        "1",
+    ]);
+    assert!(
+        err.contains("zz_tiny.png") && err.contains("12×200") && err.contains("min_side"),
+        "{err}"
+    );
+}
+
+#[test]
+fn too_few_images_for_the_bank() {
+    let Some(_) = real_model() else { return };
+    let t = tempfile::tempdir().unwrap();
+    let m = model_toml(t.path(), |s| s);
+    let d = images_dir(t.path(), 3);
+    let err = fails(&[
+        "bench",
+        "--model",
+        s(&m),
+        "--refs",
+        "8",
+        "--images",
+        s(&d),
+        "--threads",
+        "1",
+    ]);
+    assert!(err.contains("imgs") && err.contains("3 images"), "{err}");
+}

