@@ -1,4 +1,13 @@
-//! edge-ad calibration: bank files, reference selection, thresholds and metrics.
+//! edge-ad calibration: the bank file, thresholds and the field's metrics.
 //!
-//! Empty until the product-loop issue lands the bank file format; the crate exists so the
-//! workspace has the design card's layout from the start.
+//! - [`bankfile`]: the on-disk bank (versioned header, identities, per-level features, threshold,
+//!   checksum), written atomically;
+//! - [`threshold`]: rules that turn normal scores into a decision threshold;
+//! - [`metrics`]: image AUROC.
+
+pub mod bankfile;
+pub mod metrics;
+pub mod threshold;
+
+pub use bankfile::{BankFile, BankFileError, BankHeader, Identity, LevelData, LevelInfo};
+pub use threshold::{Threshold, ThresholdRule};

@@ -1,7 +1,9 @@
 //! FeatureNorm scoring (spec §5): per-position norm → bilinear upsampling → mean over levels →
 //! Gaussian smoothing → image score = max.
 
+use crate::gemm::Par;
 use crate::KernelError;
+use rayon::prelude::*;
 
 /// The per-position score of a feature `e`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -93,8 +95,12 @@ pub struct FeatureNorm {
 #[derive(Debug, Default)]
 pub struct ScoreWorkspace {
     level: Vec<f32>,
-    up: Vec<f32>,
-    sum: Vec<f32>,
+    smooth: SmoothWorkspace,
+}
+
+/// Scratch of [`FeatureNorm::smooth`].
+#[derive(Debug, Default)]
+pub struct SmoothWorkspace {
     tmp: Vec<f32>,
 }
 
@@ -148,44 +154,77 @@ impl FeatureNorm {
 
     /// Bilinear (align_corners) upsampling of an `h × w` grid to the `H × W` map.
     pub fn upsample(&self, grid: &[f32], out: &mut [f32]) {
-        let w = self.grid.1;
         for (r, row_out) in self.rows.iter().zip(out.chunks_exact_mut(self.out.1)) {
-            for (c, o) in self.cols.iter().zip(row_out.iter_mut()) {
-                let a = grid[r.i0 * w + c.i0];
-                let b = grid[r.i0 * w + c.i1];
-                let cc = grid[r.i1 * w + c.i0];
-                let d = grid[r.i1 * w + c.i1];
-                let top = a + (b - a) * c.frac;
-                let bot = cc + (d - cc) * c.frac;
-                *o = top + (bot - top) * r.frac;
-            }
+            self.upsample_row(grid, r, row_out);
+        }
+    }
+
+    #[inline]
+    fn upsample_row(&self, grid: &[f32], r: &Tap, row_out: &mut [f32]) {
+        let w = self.grid.1;
+        for (c, o) in self.cols.iter().zip(row_out.iter_mut()) {
+            let a = grid[r.i0 * w + c.i0];
+            let b = grid[r.i0 * w + c.i1];
+            let cc = grid[r.i1 * w + c.i0];
+            let d = grid[r.i1 * w + c.i1];
+            let top = a + (b - a) * c.frac;
+            let bot = cc + (d - cc) * c.frac;
+            *o = top + (bot - top) * r.frac;
         }
     }
 
     /// Separable Gaussian with reflect borders: vertical pass, then horizontal; f64 accumulation,
     /// f32 storage after each pass (SciPy's order and precision, spec §5.2 step 3).
-    pub fn smooth(&self, map: &mut [f32], tmp: &mut Vec<f32>) {
+    ///
+    /// Both passes run along contiguous rows (the vertical one adds whole shifted rows), so the
+    /// inner loops vectorise; borders are resolved once per row, not per tap. Rows are split over
+    /// the pool's threads with [`Par::Pool`].
+    pub fn smooth(&self, map: &mut [f32], ws: &mut SmoothWorkspace, par: Par) {
         let (h, w) = self.out;
         let r = (self.taps.len() / 2) as i64;
-        tmp.resize(h * w, 0.0);
-        for y in 0..h {
-            for x in 0..w {
-                let mut acc = 0.0f64;
-                for (t, &k) in self.taps.iter().enumerate() {
-                    acc += k * map[reflect(y as i64 + t as i64 - r, h as i64) * w + x] as f64;
+        ws.tmp.resize(h * w, 0.0);
+        let taps = &self.taps;
+        // Vertical: out row y = Σ_t k_t · row(reflect(y + t − r)), 32 columns at a time on the stack.
+        let vertical = |(y, out): (usize, &mut [f32])| {
+            for x0 in (0..w).step_by(32) {
+                let n = 32.min(w - x0);
+                let mut acc = [0.0f64; 32];
+                for (t, &k) in taps.iter().enumerate() {
+                    let src = reflect(y as i64 + t as i64 - r, h as i64);
+                    for (a, &v) in acc[..n]
+                        .iter_mut()
+                        .zip(&map[src * w + x0..src * w + x0 + n])
+                    {
+                        *a += k * v as f64;
+                    }
                 }
-                tmp[y * w + x] = acc as f32;
+                for (o, &a) in out[x0..x0 + n].iter_mut().zip(&acc[..n]) {
+                    *o = a as f32;
+                }
             }
+        };
+        match par {
+            Par::Pool => ws.tmp.par_chunks_mut(w).enumerate().for_each(vertical),
+            Par::Single => ws.tmp.chunks_mut(w).enumerate().for_each(vertical),
         }
-        for y in 0..h {
-            let row = &tmp[y * w..(y + 1) * w];
-            for x in 0..w {
-                let mut acc = 0.0f64;
-                for (t, &k) in self.taps.iter().enumerate() {
-                    acc += k * row[reflect(x as i64 + t as i64 - r, w as i64)] as f64;
+        // Horizontal: pad the row by reflection once, then a plain correlation.
+        let tmp = &ws.tmp;
+        let horizontal = |(y, out): (usize, &mut [f32])| {
+            PADDED.with_borrow_mut(|padded| {
+                padded.resize(w + 2 * r as usize, 0.0);
+                let row = &tmp[y * w..(y + 1) * w];
+                for (i, p) in padded.iter_mut().enumerate() {
+                    *p = row[reflect(i as i64 - r, w as i64)] as f64;
                 }
-                map[y * w + x] = acc as f32;
-            }
+                for (x, o) in out.iter_mut().enumerate() {
+                    let window = &padded[x..x + taps.len()];
+                    *o = window.iter().zip(taps).map(|(&v, &k)| k * v).sum::<f64>() as f32;
+                }
+            })
+        };
+        match par {
+            Par::Pool => map.par_chunks_mut(w).enumerate().for_each(horizontal),
+            Par::Single => map.chunks_mut(w).enumerate().for_each(horizontal),
         }
     }
 
@@ -196,8 +235,9 @@ impl FeatureNorm {
         &self,
         levels: &[&[f32]],
         map: &mut [f32],
-        mut level_maps: Option<&mut [f32]>,
+        level_maps: Option<&mut [f32]>,
         ws: &mut ScoreWorkspace,
+        par: Par,
     ) -> Result<f32, KernelError> {
         let p = self.grid.0 * self.grid.1;
         let px = self.out.0 * self.out.1;
@@ -208,27 +248,46 @@ impl FeatureNorm {
                 map.len()
             )));
         }
-        ws.level.resize(p, 0.0);
-        ws.up.resize(px, 0.0);
-        ws.sum.clear();
-        ws.sum.resize(px, 0.0);
-        for (l, feats) in levels.iter().enumerate() {
-            self.level_map(feats, &mut ws.level)?;
-            if let Some(lm) = level_maps.as_deref_mut() {
-                lm[l * p..(l + 1) * p].copy_from_slice(&ws.level);
-            }
-            self.upsample(&ws.level, &mut ws.up);
-            for (s, &u) in ws.sum.iter_mut().zip(&ws.up) {
-                *s += u;
-            }
+        ws.level.resize(levels.len() * p, 0.0);
+        for (feats, grid) in levels.iter().zip(ws.level.chunks_exact_mut(p)) {
+            self.level_map(feats, grid)?;
         }
+        if let Some(lm) = level_maps {
+            lm[..levels.len() * p].copy_from_slice(&ws.level);
+        }
+        // Upsample every level and average them, row by row: f32 sum in level order, then / L.
         let n = levels.len() as f32;
-        for (m, &s) in map.iter_mut().zip(&ws.sum) {
-            *m = s / n;
+        let grids = &ws.level;
+        let assemble = |(y, out): (usize, &mut [f32])| {
+            ROW.with_borrow_mut(|up| {
+                up.resize(self.out.1, 0.0);
+                out.fill(0.0);
+                for grid in grids.chunks_exact(p) {
+                    self.upsample_row(grid, &self.rows[y], up);
+                    for (o, &u) in out.iter_mut().zip(up.iter()) {
+                        *o += u;
+                    }
+                }
+                out.iter_mut().for_each(|o| *o /= n);
+            })
+        };
+        match par {
+            Par::Pool => map
+                .par_chunks_mut(self.out.1)
+                .enumerate()
+                .for_each(assemble),
+            Par::Single => map.chunks_mut(self.out.1).enumerate().for_each(assemble),
         }
-        self.smooth(map, &mut ws.tmp);
+        self.smooth(map, &mut ws.smooth, par);
         Ok(map.iter().copied().fold(f32::NEG_INFINITY, f32::max))
     }
+}
+
+thread_local! {
+    /// One padded row of the horizontal Gaussian pass, per thread.
+    static PADDED: std::cell::RefCell<Vec<f64>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// One upsampled level row, per thread.
+    static ROW: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 #[cfg(test)]
@@ -270,7 +329,13 @@ mod tests {
         let feats = vec![3.0f32 / 2.0; 16 * 4]; // ‖e‖ = 3 at every position (C = 4)
         let mut map = vec![0.0; 81];
         let s = fnorm
-            .score(&[&feats, &feats], &mut map, None, &mut Default::default())
+            .score(
+                &[&feats, &feats],
+                &mut map,
+                None,
+                &mut Default::default(),
+                Par::Single,
+            )
             .unwrap();
         assert!((s - 1.0).abs() < 1e-6);
         assert!(map.iter().all(|&v| (v - 1.0).abs() < 1e-6));

@@ -10,10 +10,15 @@
 //! No I/O: callers hand in bytes and slices. Layout everywhere: features of one level are
 //! `positions × channels`, positions row-major over the grid (token order of a ViT).
 
+#[cfg(target_arch = "x86_64")]
+pub mod attention_avx512;
 pub mod featurenorm;
 pub mod gemm;
 pub mod projector;
 pub mod residual;
+#[cfg(target_arch = "x86_64")]
+pub mod residual_avx512;
+pub mod vmath;
 pub mod weights;
 
 pub use featurenorm::{FeatureNorm, NormForm, ScoreWorkspace};

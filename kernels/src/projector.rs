@@ -42,6 +42,9 @@ pub struct LevelProjector {
     b_s2: Vec<f32>,
     w_2: Vec<f32>,
     b_2: Vec<f32>,
+    /// Per head, `K_h` packed in 16-reference panels for the AVX-512 attention (when available).
+    #[cfg(target_arch = "x86_64")]
+    k_panels: Option<Vec<f32>>,
     /// Debug copies of the precomputed `ref_proj`, `K`, `V` (`refs × C`), kept for tests.
     precomputed: [Vec<f32>; 3],
 }
@@ -219,13 +222,25 @@ impl LevelProjector {
             }
             out
         };
+        let k_heads = split(&k);
+        #[cfg(target_arch = "x86_64")]
+        let k_panels = (crate::residual_avx512::available()
+            && d <= crate::attention_avx512::MAX_HEAD_DIM)
+            .then(|| {
+                k_heads
+                    .chunks_exact(refs * d)
+                    .flat_map(|kh| crate::residual_avx512::pack_panels(kh, refs, d))
+                    .collect()
+            });
         Ok(Self {
             channels: c,
             refs,
             se_hidden: se,
+            #[cfg(target_arch = "x86_64")]
+            k_panels,
             w_q: w_in[..c * c].to_vec(),
             b_q: b_in[..c].to_vec(),
-            k_heads: split(&k),
+            k_heads,
             v_heads: split(&v),
             w_o,
             b_o,
@@ -270,6 +285,15 @@ impl LevelProjector {
             + 2.0 * flops(positions, 4 * c, c)
     }
 
+    /// The same projector with the portable attention only (the AVX-512 twin's reference).
+    pub fn portable(mut self) -> Self {
+        #[cfg(target_arch = "x86_64")]
+        {
+            self.k_panels = None;
+        }
+        self
+    }
+
     /// Project one image's tokens: `tokens` and `out` are `P × C`, positions row-major.
     ///
     /// `out` may not alias `tokens`. The SE mean runs over all `P` positions (spec §4.2), so the
@@ -309,6 +333,32 @@ impl LevelProjector {
             let r0 = blk * QUERY_BLOCK;
             let kh = &self.k_heads[head * n * d..(head + 1) * n * d];
             let vh = &self.v_heads[head * n * d..(head + 1) * n * d];
+            #[cfg(target_arch = "x86_64")]
+            if let Some(kp) = &self.k_panels {
+                let per_head =
+                    n.div_ceil(crate::residual_avx512::LANES) * crate::residual_avx512::LANES * d;
+                SCORES.with_borrow_mut(|s| {
+                    s.resize(crate::attention_avx512::scratch_len(n), 0.0);
+                    // SAFETY: k_panels exists only with AVX-512F and d ≤ MAX_HEAD_DIM; q rows
+                    // r0..r0+rows and the matching attn rows are in bounds; task (head, blk) alone
+                    // writes attn rows r0..r0+rows, columns of `head`.
+                    unsafe {
+                        crate::attention_avx512::attend(
+                            q.as_ptr().add(r0 * c + head * d),
+                            c,
+                            rows,
+                            d,
+                            &kp[head * per_head..(head + 1) * per_head],
+                            vh,
+                            n,
+                            attn_ptr.get().add(r0 * c + head * d),
+                            c,
+                            s,
+                        )
+                    }
+                });
+                return;
+            }
             SCORES.with_borrow_mut(|s| {
                 s.resize(QUERY_BLOCK * n + rows * d + QUERY_BLOCK * d, 0.0);
                 let (scores, rest) = s.split_at_mut(QUERY_BLOCK * n);
@@ -330,7 +380,7 @@ impl LevelProjector {
                     Par::Single,
                 );
                 for row in scores.chunks_exact_mut(n) {
-                    softmax(row);
+                    crate::vmath::softmax(row);
                 }
                 let oh = &mut oh[..rows * d];
                 matmul(rows, d, n, scores, vh, Rhs::KxN, oh, false, Par::Single);
@@ -414,11 +464,7 @@ impl LevelProjector {
             Par::Single,
         );
         gate.iter_mut().for_each(|v| *v = 1.0 / (1.0 + (-*v).exp()));
-        let act = |row: &mut [f32]| {
-            for (v, &g) in row.iter_mut().zip(&gate) {
-                *v = gelu(*v * g);
-            }
-        };
+        let act = |row: &mut [f32]| crate::vmath::gelu_gated(row, &gate);
         match par {
             Par::Pool => ws.hidden.par_chunks_mut(h).for_each(act),
             Par::Single => ws.hidden.chunks_mut(h).for_each(act),
@@ -453,23 +499,6 @@ fn fill_rows(dst: &mut Vec<f32>, row: &[f32], rows: usize) {
     }
 }
 
-/// Numerically stable softmax in place.
-fn softmax(row: &mut [f32]) {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0.0f32;
-    for v in row.iter_mut() {
-        *v = (*v - max).exp();
-        sum += *v;
-    }
-    let inv = 1.0 / sum;
-    row.iter_mut().for_each(|v| *v *= inv);
-}
-
-/// Exact GELU, `0.5·u·(1 + erf(u/√2))` (PyTorch `nn.GELU()` default, not the tanh form).
-pub fn gelu(u: f32) -> f32 {
-    0.5 * u * (1.0 + libm::erff(u * std::f32::consts::FRAC_1_SQRT_2))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -484,17 +513,108 @@ mod tests {
 
     #[test]
     fn gelu_is_the_erf_form() {
-        assert!((gelu(1.0) - 0.841_344_7).abs() < 1e-6);
-        assert!((gelu(-1.0) + 0.158_655_3).abs() < 1e-6);
-        assert_eq!(gelu(0.0), 0.0);
+        let mut v = [1.0f32, -1.0, 0.0];
+        crate::vmath::gelu_gated(&mut v, &[1.0; 3]);
+        assert!((v[0] - 0.841_344_7).abs() < 1e-6);
+        assert!((v[1] + 0.158_655_3).abs() < 1e-6);
+        assert_eq!(v[2], 0.0);
     }
 
     #[test]
     fn softmax_sums_to_one_and_survives_large_values() {
         let mut r = [1000.0f32, 1000.0, 998.0];
-        softmax(&mut r);
+        crate::vmath::softmax(&mut r);
         assert!((r.iter().sum::<f32>() - 1.0).abs() < 1e-6);
         assert!((r[0] - r[1]).abs() < 1e-9 && r[2] < r[0]);
+    }
+
+    /// A generated projector of width `c` with `n` learnable references, as safetensors bytes.
+    fn generated(c: usize, n: usize) -> Vec<u8> {
+        let r = se_width(c);
+        let shapes: Vec<(String, Vec<usize>)> = [
+            ("x_ref", vec![1, n, c]),
+            ("ref_proj.project.weight", vec![c, c, 1]),
+            ("ref_proj.project.bias", vec![c]),
+            ("layers.0.cross_attn.in_proj_weight", vec![3 * c, c]),
+            ("layers.0.cross_attn.in_proj_bias", vec![3 * c]),
+            ("layers.0.cross_attn.out_proj.weight", vec![c, c]),
+            ("layers.0.cross_attn.out_proj.bias", vec![c]),
+            ("layers.0.mlp.fc1.weight", vec![4 * c, c]),
+            ("layers.0.mlp.fc1.bias", vec![4 * c]),
+            ("layers.0.mlp.se.fc1.weight", vec![r, 4 * c]),
+            ("layers.0.mlp.se.fc1.bias", vec![r]),
+            ("layers.0.mlp.se.fc2.weight", vec![4 * c, r]),
+            ("layers.0.mlp.se.fc2.bias", vec![4 * c]),
+            ("layers.0.mlp.fc2.weight", vec![c, 4 * c]),
+            ("layers.0.mlp.fc2.bias", vec![c]),
+        ]
+        .into_iter()
+        .map(|(k, s)| (format!("l1_proj.{k}"), s))
+        .collect();
+        let data: Vec<Vec<u8>> = shapes
+            .iter()
+            .enumerate()
+            .map(|(i, (k, s))| {
+                let fan_in: usize = s[1..].iter().product::<usize>().max(1);
+                let scale = if k.ends_with("x_ref") {
+                    1.0
+                } else {
+                    1.0 / (fan_in as f32).sqrt()
+                };
+                crate::weights::generated_tensor(100 + i as u64, s.iter().product(), scale)
+                    .iter()
+                    .flat_map(|v| v.to_le_bytes())
+                    .collect()
+            })
+            .collect();
+        let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = shapes
+            .iter()
+            .zip(&data)
+            .map(|((k, s), d)| {
+                (
+                    k.clone(),
+                    safetensors::tensor::TensorView::new(Dtype::F32, s.clone(), d).unwrap(),
+                )
+            })
+            .collect();
+        safetensors::serialize(views, &None).unwrap()
+    }
+
+    #[test]
+    fn simd_attention_equals_portable_at_awkward_sizes() {
+        // head dims 3, 24, 40 (1, 2 and 3 zmm per row); refs and positions not multiples of 16 / 8.
+        for (c, n, positions) in [(48, 37, 19), (384, 70, 33), (640, 21, 9)] {
+            let fast = Projector::from_safetensors(&generated(c, n)).unwrap();
+            let slow = fast.clone();
+            let slow = Projector {
+                levels: slow
+                    .levels
+                    .into_iter()
+                    .map(LevelProjector::portable)
+                    .collect(),
+            };
+            let tokens = crate::weights::generated_tensor(7, positions * c, 1.0);
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(2)
+                .build()
+                .unwrap();
+            let (mut a, mut b) = (vec![0.0; tokens.len()], vec![0.0; tokens.len()]);
+            pool.install(|| {
+                fast.levels()[0]
+                    .forward(&tokens, &mut a, &mut Default::default(), Par::Pool)
+                    .unwrap();
+                slow.levels()[0]
+                    .forward(&tokens, &mut b, &mut Default::default(), Par::Single)
+                    .unwrap();
+            });
+            let scale = b.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            let err = a
+                .iter()
+                .zip(&b)
+                .fold(0.0f32, |m, (x, y)| m.max((x - y).abs()))
+                / scale;
+            assert!(err < 2e-6, "c {c} n {n} p {positions}: rel err {err}");
+        }
     }
 
     #[test]

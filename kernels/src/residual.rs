@@ -57,6 +57,9 @@ pub struct LevelBank {
     dtype: BankDtype,
     raw: Vec<f32>,
     unit: Vec<f32>,
+    /// `unit` repacked for the AVX-512 kernel, when the CPU has it.
+    #[cfg(target_arch = "x86_64")]
+    panels: Option<Vec<f32>>,
 }
 
 impl LevelBank {
@@ -83,12 +86,17 @@ impl LevelBank {
         };
         let mut unit = vec![0.0f32; raw.len()];
         normalise_rows(&raw, channels, &mut unit);
+        #[cfg(target_arch = "x86_64")]
+        let panels = crate::residual_avx512::available()
+            .then(|| crate::residual_avx512::pack_panels(&unit, rows, channels));
         Ok(Self {
             rows,
             channels,
             dtype,
             raw,
             unit,
+            #[cfg(target_arch = "x86_64")]
+            panels,
         })
     }
 
@@ -96,6 +104,16 @@ impl LevelBank {
     pub fn from_f16(rows: usize, channels: usize, features: &[f16]) -> Result<Self, KernelError> {
         let wide: Vec<f32> = features.iter().map(|v| v.to_f32()).collect();
         Self::new(rows, channels, &wide, BankDtype::F16)
+    }
+
+    /// The same bank searched by the portable GEMM path only (no AVX-512 kernel): the reference
+    /// the SIMD twin is tested against.
+    pub fn portable(mut self) -> Self {
+        #[cfg(target_arch = "x86_64")]
+        {
+            self.panels = None;
+        }
+        self
     }
 
     /// Number of reference features.
@@ -177,11 +195,25 @@ pub fn nearest_residual(
         )));
     }
     ws.unit_queries.resize(queries.len(), 0.0);
+    ws.best.clear();
+    ws.best.resize(n, (f32::NEG_INFINITY, 0));
+    #[cfg(target_arch = "x86_64")]
+    if let Some(panels) = &bank.panels {
+        search_avx512(
+            queries,
+            &mut ws.unit_queries,
+            panels,
+            bank,
+            &mut ws.best,
+            argmax,
+            residual,
+            par,
+        );
+        return Ok(());
+    }
     normalise_rows(queries, c, &mut ws.unit_queries);
     let block_rows = BANK_BLOCK.min(bank.rows);
     ws.block.resize(n * block_rows, 0.0);
-    ws.best.clear();
-    ws.best.resize(n, (f32::NEG_INFINITY, 0));
 
     let mut start = 0;
     while start < bank.rows {
@@ -217,19 +249,82 @@ pub fn nearest_residual(
         start += rows;
     }
 
+    write_residuals(queries, bank, &ws.best, argmax, residual);
+    Ok(())
+}
+
+/// One thread's share of a search: queries, their unit copies, bests, argmax, residuals.
+#[cfg(target_arch = "x86_64")]
+type Share<'a> = (
+    (
+        ((&'a [f32], &'a mut [f32]), &'a mut [(f32, u32)]),
+        &'a mut [u32],
+    ),
+    &'a mut [f32],
+);
+
+/// The AVX-512 path: queries split into one contiguous share per pool thread; each thread
+/// normalises its queries, streams the bank once (reusing every 48-row panel group across its
+/// queries from L2) and writes its residuals.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+fn search_avx512(
+    queries: &[f32],
+    unit: &mut [f32],
+    panels: &[f32],
+    bank: &LevelBank,
+    best: &mut [(f32, u32)],
+    argmax: &mut [u32],
+    residual: &mut [f32],
+    par: Par,
+) {
+    let c = bank.channels;
+    let n = best.len();
+    let threads = match par {
+        Par::Pool => rayon::current_num_threads().max(1),
+        Par::Single => 1,
+    };
+    let share = n.div_ceil(threads).div_ceil(8).max(1) * 8;
+    let run = |((((q, u), b), a), r): Share<'_>| {
+        normalise_rows(q, c, u);
+        // SAFETY: `panels` exists only when the CPU has AVX-512F, and was packed from this bank.
+        unsafe { crate::residual_avx512::search(u, panels, bank.rows, c, b) };
+        write_residuals(q, bank, b, a, r);
+    };
+    if threads > 1 {
+        queries
+            .par_chunks(share * c)
+            .zip(unit.par_chunks_mut(share * c))
+            .zip(best.par_chunks_mut(share))
+            .zip(argmax.par_chunks_mut(share))
+            .zip(residual.par_chunks_mut(share * c))
+            .for_each(run);
+    } else {
+        run(((((queries, unit), best), argmax), residual));
+    }
+}
+
+/// `argmax[i] = best[i].1`, `residual_i = query_i − raw bank row` (raw, not normalised: §3.3).
+fn write_residuals(
+    queries: &[f32],
+    bank: &LevelBank,
+    best: &[(f32, u32)],
+    argmax: &mut [u32],
+    residual: &mut [f32],
+) {
+    let c = bank.channels;
     for (i, (q, r)) in queries
         .chunks_exact(c)
         .zip(residual.chunks_exact_mut(c))
         .enumerate()
     {
-        let idx = ws.best[i].1;
+        let idx = best[i].1;
         argmax[i] = idx;
         let b = &bank.raw[idx as usize * c..(idx as usize + 1) * c];
         for ((o, &qv), &bv) in r.iter_mut().zip(q).zip(b) {
             *o = qv - bv;
         }
     }
-    Ok(())
 }
 
 /// Floating-point work of one [`nearest_residual`] call (the similarity product).
@@ -322,6 +417,58 @@ mod tests {
         assert_eq!(idx, brute(&queries, &bank, c));
         let i0 = idx[0] as usize;
         assert_eq!(res[3], queries[3] - bank[i0 * c + 3]);
+    }
+
+    #[test]
+    fn simd_and_portable_paths_agree_at_awkward_sizes() {
+        let c = 40;
+        let mut seed = 11u64;
+        let mut rnd = || {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+        };
+        for (rows, n) in [(1, 1), (15, 3), (17, 9), (16 * 7 + 5, 37), (1000, 64)] {
+            let mut bank: Vec<f32> = (0..rows * c).map(|_| rnd()).collect();
+            if rows > 3 {
+                // An exact duplicate of row 1 at row 3: a tie the lower index must win.
+                let r1 = bank[c..2 * c].to_vec();
+                bank[3 * c..4 * c].copy_from_slice(&r1);
+            }
+            let mut queries: Vec<f32> = (0..n * c).map(|_| rnd()).collect();
+            if rows > 3 {
+                queries[..c].copy_from_slice(&bank[3 * c..4 * c]);
+            }
+            let want = brute(&queries, &bank, c);
+            let fast = LevelBank::new(rows, c, &bank, BankDtype::F32).unwrap();
+            let slow = fast.clone().portable();
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(2)
+                .build()
+                .unwrap();
+            for b in [&fast, &slow] {
+                for par in [Par::Single, Par::Pool] {
+                    let mut idx = vec![0u32; n];
+                    let mut res = vec![0.0f32; n * c];
+                    pool.install(|| {
+                        nearest_residual(
+                            &queries,
+                            b,
+                            &mut Default::default(),
+                            &mut idx,
+                            &mut res,
+                            par,
+                        )
+                    })
+                    .unwrap();
+                    assert_eq!(idx, want, "rows {rows}, queries {n}, {par:?}");
+                    if rows > 3 {
+                        assert_eq!(idx[0], 1);
+                    }
+                }
+            }
+        }
     }
 
     #[test]

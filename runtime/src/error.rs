@@ -61,6 +61,9 @@ pub enum Error {
     /// A kernel rejected its inputs (a shape disagreement between bank, model and frame).
     #[error(transparent)]
     Kernel(#[from] edge_ad_kernels::KernelError),
+    /// A bank file could not be used.
+    #[error(transparent)]
+    Bank(#[from] edge_ad_calibration::BankFileError),
     /// Any other invalid argument.
     #[error("{0}")]
     Invalid(String),

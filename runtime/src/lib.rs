@@ -4,7 +4,9 @@
 pub mod backbone;
 pub mod bench;
 pub mod error;
+pub mod heatmap;
 pub mod images;
+pub mod inspector;
 pub mod model;
 pub mod pipeline;
 pub mod preprocess;

@@ -4,10 +4,14 @@
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use edge_ad::bench::{self, BenchOptions};
-use edge_ad::{Fit, Pipeline, PipelineOptions};
+use edge_ad::heatmap::{self, Scale};
+use edge_ad::images::list_images;
+use edge_ad::inspector::{calibrate, CalibrateOptions, Inspector};
+use edge_ad::{Fit, Pipeline, PipelineOptions, Rgb8};
+use edge_ad_calibration::ThresholdRule;
 use edge_ad_kernels::BankDtype;
-use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 /// Line-side visual inspection: a frozen backbone, a bank of good parts, and a score per part.
@@ -43,20 +47,76 @@ struct ModelArgs {
 }
 
 impl ModelArgs {
-    fn load(&self) -> Result<Pipeline> {
-        let opts = PipelineOptions {
+    fn options(&self) -> PipelineOptions {
+        PipelineOptions {
             model: self.model.clone(),
             onnx: self.onnx.clone(),
             projector: self.projector.clone(),
             threads: self.threads,
             fit: self.fit,
-        };
-        Pipeline::load(&opts).context("cannot load the model")
+        }
+    }
+    fn load(&self) -> Result<Pipeline> {
+        Pipeline::load(&self.options()).context("cannot load the model")
     }
 }
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Build a reference bank from good parts and set the decision threshold.
+    ///
+    /// Takes the first --refs images of --images (sorted; or exactly those of --refs-list) as
+    /// references, scores every other image of --images against them, and sets the threshold from
+    /// those normal scores: max × --margin (default 1.05), or mean + --sigma × std. The bank is
+    /// written atomically: an interrupted run never leaves a half-written bank.
+    Calibrate {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Reference images in the bank.
+        #[arg(long, default_value_t = 8)]
+        refs: usize,
+        /// File listing the exact reference images, one path per line (relative to the file).
+        #[arg(long)]
+        refs_list: Option<PathBuf>,
+        /// Folder of normal (good) images, walked recursively.
+        #[arg(long)]
+        images: PathBuf,
+        /// Bank file to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// Bank precision: f16 (default) or f32.
+        #[arg(long, default_value = "f16", value_parser = parse_dtype)]
+        bank_dtype: BankDtype,
+        /// Threshold = max normal score × MARGIN.
+        #[arg(long, conflicts_with = "sigma")]
+        margin: Option<f64>,
+        /// Threshold = mean + SIGMA × standard deviation of the normal scores.
+        #[arg(long)]
+        sigma: Option<f64>,
+    },
+    /// Score images against a bank: path, score, verdict (OK/NG) and time per stage.
+    ///
+    /// Directories are walked recursively (sorted, image files only). An image that cannot be read
+    /// is reported as ERR and the command exits with status 2 after the others.
+    Inspect {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Bank file from `edge-ad calibrate`.
+        #[arg(long)]
+        bank: PathBuf,
+        /// One JSON object per image per line.
+        #[arg(long)]
+        json: bool,
+        /// Write `<stem>.png`: the frame with the anomaly map over it and the score.
+        #[arg(long)]
+        heatmap: Option<PathBuf>,
+        /// Write `<stem>.safetensors` with `map` (H×W f32) and `score`.
+        #[arg(long)]
+        dump: Option<PathBuf>,
+        /// Images or folders.
+        #[arg(required = true)]
+        inputs: Vec<PathBuf>,
+    },
     /// Time the pipeline per stage on real images and compare the kernels with this machine's SGEMM.
     ///
     /// The first --refs images of --images (sorted) build the bank; the others are cycled as
@@ -85,6 +145,27 @@ enum Command {
     },
 }
 
+/// `<stem>.safetensors` with `map` (H×W f32) and `score` ([1] f32), written atomically.
+fn write_dump(path: &Path, insp: &edge_ad::Inspection) -> Result<()> {
+    use safetensors::tensor::TensorView;
+    let map: Vec<u8> = insp.map.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let score = insp.score.to_le_bytes();
+    let (h, w) = insp.map_size;
+    let views = [
+        (
+            "map",
+            TensorView::new(safetensors::Dtype::F32, vec![h, w], &map)?,
+        ),
+        (
+            "score",
+            TensorView::new(safetensors::Dtype::F32, vec![1], &score)?,
+        ),
+    ];
+    let bytes = safetensors::serialize(views, &None)?;
+    edge_ad_calibration::bankfile::write_atomic(path, &bytes)?;
+    Ok(())
+}
+
 fn parse_dtype(s: &str) -> Result<BankDtype, String> {
     match s {
         "f16" => Ok(BankDtype::F16),
@@ -105,8 +186,177 @@ fn main() -> ExitCode {
     }
 }
 
+/// A one-line progress indicator on stderr, only when stderr is a terminal.
+fn progress_line() -> impl FnMut(&str, usize, usize) {
+    let tty = std::io::stderr().is_terminal();
+    move |what: &str, done: usize, total: usize| {
+        if tty {
+            let width = 30;
+            let filled = (done * width)
+                .checked_div(total)
+                .unwrap_or(width)
+                .min(width);
+            eprint!(
+                "\r{what:<24} [{}{}] {done}/{total}",
+                "#".repeat(filled),
+                " ".repeat(width - filled)
+            );
+            if done == total {
+                eprintln!();
+            }
+            let _ = std::io::stderr().flush();
+        }
+    }
+}
+
+fn stem(p: &Path) -> String {
+    p.file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "image".into())
+}
+
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Calibrate {
+            model,
+            refs,
+            refs_list,
+            images,
+            out,
+            bank_dtype,
+            margin,
+            sigma,
+        } => {
+            let rule = match (margin, sigma) {
+                (_, Some(k)) => ThresholdRule::MeanPlusKSigma { k },
+                (Some(m), None) => ThresholdRule::MaxTimesMargin { margin: m },
+                (None, None) => ThresholdRule::default(),
+            };
+            // Fail before the long work if the bank cannot be written there.
+            let dir = out
+                .parent()
+                .filter(|d| !d.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
+            if !dir.is_dir() {
+                anyhow::bail!("{}: folder {} does not exist", out.display(), dir.display());
+            }
+            let mut pipeline = model.load()?;
+            let opts = CalibrateOptions {
+                images,
+                refs,
+                refs_list,
+                bank_dtype,
+                rule,
+            };
+            let (file, report) = calibrate(&mut pipeline, &opts, progress_line())?;
+            file.save(&out)?;
+            let t = &report.threshold;
+            println!("references ({}):", report.references.len());
+            for r in &report.references {
+                println!("  {}", r.display());
+            }
+            println!(
+                "normal scores ({} held-out images): min {:.4}  mean {:.4}  max {:.4}  std {:.4}",
+                t.normal_count, t.normal_min, t.normal_mean, t.normal_max, t.normal_std
+            );
+            println!("threshold {:.4} ({:?})", t.value, t.rule);
+            println!("bank written: {} ({})", out.display(), bank_dtype.name());
+        }
+        Command::Inspect {
+            model,
+            bank,
+            json,
+            heatmap: heat_dir,
+            dump,
+            inputs,
+        } => {
+            let mut inspector =
+                Inspector::load(&model.options(), &bank).context("cannot load the bank")?;
+            for d in heat_dir.iter().chain(dump.iter()) {
+                std::fs::create_dir_all(d)
+                    .with_context(|| format!("{}: cannot create the folder", d.display()))?;
+            }
+            let mut files = Vec::new();
+            for i in &inputs {
+                files.extend(list_images(i)?);
+            }
+            if files.is_empty() {
+                anyhow::bail!(
+                    "no image files in {}",
+                    inputs
+                        .iter()
+                        .map(|p| p.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+            }
+            let th = inspector.header().threshold.clone();
+            let scale = Scale::for_threshold(th.normal_min, th.value);
+            let mut failures = 0usize;
+            let stdout = std::io::stdout();
+            for path in &files {
+                let result = Rgb8::open(path)
+                    .map_err(anyhow::Error::from)
+                    .and_then(|img| {
+                        let (insp, verdict) = inspector.inspect(&img, path)?;
+                        Ok((img, insp, verdict))
+                    });
+                let mut out = stdout.lock();
+                match result {
+                    Ok((img, insp, verdict)) => {
+                        let t = insp.timings;
+                        if json {
+                            let line = serde_json::json!({
+                                "path": path, "score": insp.score, "verdict": verdict,
+                                "threshold": th.value, "ms": t.total_ms, "timings": t,
+                            });
+                            writeln!(out, "{line}")?;
+                        } else {
+                            writeln!(
+                                out,
+                                "{}  score {:.4}  {}  {:.1} ms (pre {:.1}, backbone {:.1}, residual {:.1}, projector {:.1}, score {:.1})",
+                                path.display(), insp.score, verdict, t.total_ms, t.preprocess_ms, t.backbone_ms,
+                                t.residual_ms, t.projector_ms, t.score_ms
+                            )?;
+                        }
+                        if let Some(d) = &heat_dir {
+                            let label = format!("{:.3} {verdict}", insp.score);
+                            let png = heatmap::render(&img, &insp, scale, &label);
+                            let p = d.join(format!("{}.png", stem(path)));
+                            image::RgbImage::from_raw(
+                                png.width as u32,
+                                png.height as u32,
+                                png.data,
+                            )
+                            .context("heatmap buffer")?
+                            .save(&p)
+                            .with_context(|| {
+                                format!("{}: cannot write the heatmap", p.display())
+                            })?;
+                        }
+                        if let Some(d) = &dump {
+                            let p = d.join(format!("{}.safetensors", stem(path)));
+                            write_dump(&p, &insp)?;
+                        }
+                    }
+                    Err(e) => {
+                        failures += 1;
+                        if json {
+                            let line = serde_json::json!({"path": path, "verdict": "ERR", "error": format!("{e:#}")});
+                            writeln!(out, "{line}")?;
+                        } else {
+                            writeln!(out, "{}  ERR  {e:#}", path.display())?;
+                        }
+                    }
+                }
+            }
+            if failures > 0 {
+                anyhow::bail!(
+                    "{failures} of {} images could not be inspected",
+                    files.len()
+                );
+            }
+        }
         Command::Bench {
             model,
             refs,

@@ -149,7 +149,7 @@ impl FrameState {
 pub struct Pipeline {
     desc: LoadedDescription,
     backbone: Backbone,
-    projector: Option<(Projector, PathBuf)>,
+    projector: Option<(Projector, PathBuf, String)>,
     scorer: FeatureNorm,
     pool: Arc<rayon::ThreadPool>,
     state: FrameState,
@@ -213,7 +213,11 @@ impl Pipeline {
                         d.features.channels
                     )));
                 }
-                Some((p, path.clone()))
+                Some((
+                    p,
+                    path.clone(),
+                    edge_ad_calibration::bankfile::sha256_hex(&bytes),
+                ))
             }
         };
         let backbone = {
@@ -263,6 +267,20 @@ impl Pipeline {
     pub fn projector(&self) -> Option<&Projector> {
         self.projector.as_ref().map(|p| &p.0)
     }
+    /// What a bank built by this pipeline depends on: ONNX bytes, description bytes, projector.
+    pub fn identity(&self) -> edge_ad_calibration::Identity {
+        edge_ad_calibration::Identity {
+            onnx_sha256: self
+                .backbone
+                .onnx_sha256()
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect(),
+            model_sha256: edge_ad_calibration::bankfile::sha256_hex(&self.desc.bytes),
+            projector_sha256: self.projector.as_ref().map(|p| p.2.clone()),
+        }
+    }
+
     /// Threads of the shared pool.
     pub fn threads(&self) -> usize {
         self.pool.current_num_threads()
@@ -330,7 +348,14 @@ impl Pipeline {
     pub fn inspect(&mut self, img: &Rgb8, path: &Path, bank: &Bank) -> Result<Inspection> {
         self.check_bank(bank)?;
         let t0 = Instant::now();
-        let prepared = self.prepare(img, path)?;
+        let input = &self.desc.desc.input;
+        let prepared = self
+            .pool
+            .install(|| prepare(img, input))
+            .map_err(|message| Error::Image {
+                path: path.into(),
+                message,
+            })?;
         let t1 = Instant::now();
         self.run_backbone(&prepared.chw)?;
         let t2 = Instant::now();
@@ -373,7 +398,7 @@ impl Pipeline {
             }
             timings.residual_ms = ms(t.elapsed());
             let t = Instant::now();
-            if let Some((proj, _)) = projector {
+            if let Some((proj, _, _)) = projector {
                 for (l, lp) in proj.levels().iter().enumerate() {
                     st.projected[l].resize(st.residual[l].len(), 0.0);
                     lp.forward(
@@ -393,7 +418,13 @@ impl Pipeline {
             };
             let views: Vec<&[f32]> = feats.iter().map(Vec::as_slice).collect();
             st.level_maps.resize(views.len() * p, 0.0);
-            let s = scorer.score(&views, &mut map, Some(&mut st.level_maps), &mut st.score_ws)?;
+            let s = scorer.score(
+                &views,
+                &mut map,
+                Some(&mut st.level_maps),
+                &mut st.score_ws,
+                Par::Pool,
+            )?;
             timings.score_ms = ms(t.elapsed());
             Ok(s)
         })?;

@@ -9,6 +9,7 @@
 
 use crate::error::{Error, Result};
 use crate::model::{Fit, Input};
+use rayon::prelude::*;
 use std::path::Path;
 
 /// An 8-bit RGB image, row-major, interleaved.
@@ -118,50 +119,88 @@ fn clip8(acc: i32) -> u8 {
 /// Resize with Pillow's `Image.resize(size, BICUBIC)` semantics: horizontal pass first, then
 /// vertical, each only when that dimension changes.
 pub fn resize_bicubic(src: &Rgb8, width: usize, height: usize) -> Rgb8 {
-    let mut img = src.clone();
-    if width != img.width {
-        let c = coeffs(img.width, width);
-        let mut out = vec![0u8; img.height * width * 3];
-        for y in 0..img.height {
-            let row = &img.data[y * img.width * 3..(y + 1) * img.width * 3];
-            for x in 0..width {
-                let w = &c.weights[x * c.ksize..x * c.ksize + c.len[x]];
-                for ch in 0..3 {
+    resize_bicubic_window(src, (width, height), (0, 0), (width, height))
+}
+
+/// The `size` window at `origin` of [`resize_bicubic`]`(src, full)`, computing only that window
+/// (each output pixel is evaluated exactly as in the full resize, so the result is bit-identical).
+pub fn resize_bicubic_window(
+    src: &Rgb8,
+    full: (usize, usize),
+    origin: (usize, usize),
+    size: (usize, usize),
+) -> Rgb8 {
+    let (width, height) = full;
+    let (x0, y0) = origin;
+    let (ww, wh) = size;
+    // Horizontal pass over every source row, output columns x0..x0+ww only.
+    let horiz = if width != src.width {
+        let c = coeffs(src.width, width);
+        let mut out = vec![0u8; src.height * ww * 3];
+        // Rows are independent: spread over the current rayon pool (inline outside one).
+        out.par_chunks_mut(ww * 3)
+            .enumerate()
+            .for_each(|(y, orow)| {
+                let row = &src.data[y * src.width * 3..(y + 1) * src.width * 3];
+                for (xo, x) in (x0..x0 + ww).enumerate() {
+                    let w = &c.weights[x * c.ksize..x * c.ksize + c.len[x]];
+                    for ch in 0..3 {
+                        let mut acc: i32 = 1 << (PRECISION_BITS - 1);
+                        for (t, &wt) in w.iter().enumerate() {
+                            acc += row[(c.start[x] + t) * 3 + ch] as i32 * wt;
+                        }
+                        orow[xo * 3 + ch] = clip8(acc);
+                    }
+                }
+            });
+        Rgb8 {
+            width: ww,
+            height: src.height,
+            data: out,
+        }
+    } else {
+        let mut data = Vec::with_capacity(src.height * ww * 3);
+        for y in 0..src.height {
+            data.extend_from_slice(
+                &src.data[(y * src.width + x0) * 3..(y * src.width + x0 + ww) * 3],
+            );
+        }
+        Rgb8 {
+            width: ww,
+            height: src.height,
+            data,
+        }
+    };
+    // Vertical pass, output rows y0..y0+wh only.
+    let stride = ww * 3;
+    if height != src.height {
+        let c = coeffs(src.height, height);
+        let mut out = vec![0u8; wh * stride];
+        out.par_chunks_mut(stride)
+            .enumerate()
+            .for_each(|(yo, orow)| {
+                let y = y0 + yo;
+                let w = &c.weights[y * c.ksize..y * c.ksize + c.len[y]];
+                for (i, o) in orow.iter_mut().enumerate() {
                     let mut acc: i32 = 1 << (PRECISION_BITS - 1);
                     for (t, &wt) in w.iter().enumerate() {
-                        acc += row[(c.start[x] + t) * 3 + ch] as i32 * wt;
+                        acc += horiz.data[(c.start[y] + t) * stride + i] as i32 * wt;
                     }
-                    out[(y * width + x) * 3 + ch] = clip8(acc);
+                    *o = clip8(acc);
                 }
-            }
-        }
-        img = Rgb8 {
-            width,
-            height: img.height,
+            });
+        Rgb8 {
+            width: ww,
+            height: wh,
             data: out,
-        };
-    }
-    if height != img.height {
-        let c = coeffs(img.height, height);
-        let stride = img.width * 3;
-        let mut out = vec![0u8; height * stride];
-        for y in 0..height {
-            let w = &c.weights[y * c.ksize..y * c.ksize + c.len[y]];
-            for i in 0..stride {
-                let mut acc: i32 = 1 << (PRECISION_BITS - 1);
-                for (t, &wt) in w.iter().enumerate() {
-                    acc += img.data[(c.start[y] + t) * stride + i] as i32 * wt;
-                }
-                out[y * stride + i] = clip8(acc);
-            }
         }
-        img = Rgb8 {
-            width: img.width,
-            height,
-            data: out,
-        };
+    } else {
+        Rgb8 {
+            width: ww,
+            height: wh,
+            data: horiz.data[y0 * stride..(y0 + wh) * stride].to_vec(),
+        }
     }
-    img
 }
 
 /// Python's `round()` on a half-integer-or-integer value `n/2`: ties to even (spec §1 step 3).
@@ -216,19 +255,11 @@ pub fn prepare(img: &Rgb8, input: &Input) -> Result<Prepared, String> {
             } else {
                 (new_long, input.resize)
             };
-            let resized = if (nw, nh) == (w, h) {
-                img.clone()
-            } else {
-                resize_bicubic(img, nw, nh)
-            };
             let top = round_half_even_half(nh - ih);
             let left = round_half_even_half(nw - iw);
-            let mut data = Vec::with_capacity(ih * iw * 3);
-            for y in top..top + ih {
-                data.extend_from_slice(
-                    &resized.data[(y * nw + left) * 3..(y * nw + left + iw) * 3],
-                );
-            }
+            // torchvision returns the image untouched when it already has the size; the window
+            // resize then degenerates to a plain crop, so one call covers both.
+            let data = resize_bicubic_window(img, (nw, nh), (left, top), (iw, ih)).data;
             (
                 Rgb8 {
                     width: iw,
@@ -340,6 +371,34 @@ mod tests {
         let r = resize_bicubic(&img, 13, 3);
         assert!(r.data.iter().all(|&v| v == 200));
         assert_eq!(resize_bicubic(&img, 7, 5), img);
+    }
+
+    #[test]
+    fn window_resize_equals_cropping_the_full_resize() {
+        let data: Vec<u8> = (0..37 * 23 * 3)
+            .map(|i| ((i * 31 + i / 7) % 256) as u8)
+            .collect();
+        let img = Rgb8 {
+            width: 37,
+            height: 23,
+            data,
+        };
+        for (full, origin, size) in [
+            ((50, 31), (3, 4), (40, 20)),
+            ((37, 60), (0, 9), (37, 37)),
+            ((20, 23), (2, 0), (10, 23)),
+        ] {
+            let whole = resize_bicubic(&img, full.0, full.1);
+            let win = resize_bicubic_window(&img, full, origin, size);
+            for y in 0..size.1 {
+                let a = &whole.data[((origin.1 + y) * full.0 + origin.0) * 3..][..size.0 * 3];
+                assert_eq!(
+                    &win.data[y * size.0 * 3..(y + 1) * size.0 * 3],
+                    a,
+                    "{full:?} {origin:?} row {y}"
+                );
+            }
+        }
     }
 
     #[test]

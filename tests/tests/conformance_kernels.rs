@@ -174,7 +174,13 @@ fn c_featurenorm() {
         let mut map = vec![0.0; 224 * 224];
         let mut lm = vec![0.0; 4 * 256];
         let score = fnorm
-            .score(&views, &mut map, Some(&mut lm), &mut Default::default())
+            .score(
+                &views,
+                &mut map,
+                Some(&mut lm),
+                &mut Default::default(),
+                Par::Single,
+            )
             .unwrap();
         for l in 0..4 {
             let want = &lm_want[(b * 4 + l) * 256..(b * 4 + l + 1) * 256];
