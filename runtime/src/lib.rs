@@ -3,6 +3,7 @@
 
 pub mod backbone;
 pub mod bench;
+pub mod demo;
 pub mod error;
 pub mod heatmap;
 pub mod images;

@@ -63,6 +63,19 @@ impl ModelArgs {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Offline demo on the bundled model and images: calibrate on 4 good parts, inspect 11 test
+    /// parts (3 good, 8 with scratches, spots, stains, cracks), print verdicts, write heatmaps.
+    Demo {
+        /// Folder for the bank and the heatmaps.
+        #[arg(long, default_value = "edge-ad-demo")]
+        out: PathBuf,
+        /// Bundled demo folder (default: found next to the binary or in the source tree).
+        #[arg(long)]
+        demo_dir: Option<PathBuf>,
+        /// Threads (0 = all cores).
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+    },
     /// Build a reference bank from good parts and set the decision threshold.
     ///
     /// Takes the first --refs images of --images (sorted; or exactly those of --refs-list) as
@@ -175,6 +188,12 @@ fn parse_dtype(s: &str) -> Result<BankDtype, String> {
 }
 
 fn main() -> ExitCode {
+    // Die quietly on a closed pipe (`edge-ad inspect … | head`) like other Unix tools, instead of
+    // Rust's default of ignoring SIGPIPE and panicking in println!.
+    // SAFETY: restoring the default disposition of one signal before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(&cli.log)).init();
     match run(cli) {
@@ -217,6 +236,62 @@ fn stem(p: &Path) -> String {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Demo {
+            out,
+            demo_dir,
+            threads,
+        } => {
+            let dir = match demo_dir {
+                Some(d) => d,
+                None => edge_ad::demo::find_demo_dir()
+                    .context("bundled demo not found (set --demo-dir or EDGE_AD_DEMO_DIR)")?,
+            };
+            let dir = std::fs::canonicalize(&dir).with_context(|| format!("{}", dir.display()))?;
+            println!(
+                "edge-ad demo: calibrating on {} good parts of {}",
+                edge_ad::demo::DEMO_REFS,
+                dir.join("images/good").display()
+            );
+            let summary = edge_ad::demo::run_demo(&dir, &out, threads, |p| {
+                let mark = if p.verdict == p.expected {
+                    ""
+                } else {
+                    "   <-- expected "
+                };
+                let exp = if p.verdict == p.expected {
+                    String::new()
+                } else {
+                    p.expected.to_string()
+                };
+                let shown = p.path.strip_prefix(&dir).unwrap_or(&p.path);
+                println!(
+                    "{:<36} score {:>7.3}  {}  {:>5.1} ms{mark}{exp}",
+                    shown.display(),
+                    p.score,
+                    p.verdict,
+                    p.ms
+                );
+            })?;
+            let ng = summary
+                .parts
+                .iter()
+                .filter(|p| p.verdict == edge_ad::inspector::Verdict::Ng)
+                .count();
+            println!(
+                "{} parts: {} OK, {} NG (threshold {:.3}); {}/{} verdicts match the parts' folders",
+                summary.parts.len(),
+                summary.parts.len() - ng,
+                ng,
+                summary.threshold,
+                summary.correct(),
+                summary.parts.len()
+            );
+            println!(
+                "bank: {}   heatmaps: {}",
+                summary.bank.display(),
+                summary.heatmaps.display()
+            );
+        }
         Command::Calibrate {
             model,
             refs,

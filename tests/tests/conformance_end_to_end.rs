@@ -4,6 +4,7 @@
 
 use edge_ad::pipeline::{Features, Pipeline, PipelineOptions};
 use edge_ad::preprocess::Rgb8;
+use edge_ad::Fit;
 use edge_ad_kernels::BankDtype;
 use edge_ad_tests::*;
 use sha2::Digest;
@@ -147,6 +148,7 @@ fn d_end_to_end_real_backbone() {
     let mut pipeline = Pipeline::load(&PipelineOptions {
         model: model.clone(),
         threads: 2,
+        fit: Some(Fit::Crop),
         ..Default::default()
     })
     .unwrap();
@@ -257,6 +259,7 @@ fn d_end_to_end_real_backbone() {
         model,
         projector: Some(wpath),
         threads: 2,
+        fit: Some(Fit::Crop),
         ..Default::default()
     })
     .unwrap();

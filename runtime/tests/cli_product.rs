@@ -1,0 +1,449 @@
+//! The product loop through the `edge-ad` binary: demo, calibrate → inspect (JSON, heatmaps,
+//! dumps), every bad input of the bank and calibration, and the magnetic-tile run with DINOv2-S.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+fn demo() -> PathBuf {
+    root().join("demo")
+}
+fn demo_model() -> PathBuf {
+    demo().join("efficientnet-lite0.toml")
+}
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn run(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_edge-ad"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn ok(args: &[&str]) -> String {
+    let out = run(args);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "edge-ad {args:?} failed:\n{err}");
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn fails(args: &[&str]) -> String {
+    let out = run(args);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "edge-ad {args:?} succeeded");
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    err
+}
+
+/// Calibrate the demo model on `images` into `out`.
+fn calibrate_demo(images: &Path, out: &Path, extra: &[&str]) -> Output {
+    let model = demo_model();
+    let mut args = vec![
+        "calibrate",
+        "--model",
+        s(&model),
+        "--refs",
+        "4",
+        "--images",
+        s(images),
+        "--out",
+        s(out),
+    ];
+    args.extend_from_slice(extra);
+    run(&args)
+}
+
+#[test]
+fn demo_runs_offline_and_every_verdict_matches_its_folder() {
+    let t = tempfile::tempdir().unwrap();
+    let out = t.path().join("d");
+    let stdout = ok(&["demo", "--out", s(&out), "--threads", "2"]);
+    assert!(stdout.contains("11 parts: 3 OK, 8 NG"), "{stdout}");
+    assert!(stdout.contains("11/11 verdicts match"), "{stdout}");
+    assert_eq!(std::fs::read_dir(out.join("heatmaps")).unwrap().count(), 11);
+    assert!(out.join("demo-bank.eab").is_file());
+}
+
+#[test]
+fn calibrate_then_inspect_json_heatmaps_and_dumps() {
+    let t = tempfile::tempdir().unwrap();
+    let bank = t.path().join("bank.eab");
+    let o = calibrate_demo(&demo().join("images/good"), &bank, &[]);
+    let summary = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        summary.contains("references (4)")
+            && summary.contains("4 held-out images")
+            && summary.contains("threshold"),
+        "{summary}"
+    );
+
+    let (heat, dump) = (t.path().join("heat"), t.path().join("dump"));
+    let test = demo().join("images/test/scratch");
+    let stdout = ok(&[
+        "inspect",
+        "--model",
+        s(&demo_model()),
+        "--bank",
+        s(&bank),
+        "--json",
+        "--heatmap",
+        s(&heat),
+        "--dump",
+        s(&dump),
+        s(&test),
+    ]);
+    let lines: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2, "one JSON object per image");
+    for l in &lines {
+        assert_eq!(l["verdict"], "NG", "{l}");
+        assert!(
+            l["ms"].as_f64().unwrap() > 0.0
+                && l["score"].as_f64().unwrap() > l["threshold"].as_f64().unwrap()
+        );
+        let stem = Path::new(l["path"].as_str().unwrap())
+            .file_stem()
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .to_string();
+        // Heatmap in frame coordinates: the demo frames are 256×192.
+        let png = image::open(heat.join(format!("{stem}.png"))).unwrap();
+        assert_eq!((png.width(), png.height()), (256, 192));
+        // Dump: map H×W f32 and the same score.
+        let bytes = std::fs::read(dump.join(format!("{stem}.safetensors"))).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        assert_eq!(st.tensor("map").unwrap().shape(), [224, 224]);
+        let sc = f32::from_le_bytes(st.tensor("score").unwrap().data().try_into().unwrap());
+        assert!((sc as f64 - l["score"].as_f64().unwrap()).abs() < 1e-6);
+    }
+    // Plain output: path, score, verdict, timings.
+    let plain = ok(&[
+        "inspect",
+        "--model",
+        s(&demo_model()),
+        "--bank",
+        s(&bank),
+        s(&demo().join("images/test/good")),
+    ]);
+    assert_eq!(plain.lines().count(), 3);
+    assert!(
+        plain
+            .lines()
+            .all(|l| l.contains("  OK  ") && l.contains("backbone")),
+        "{plain}"
+    );
+}
+
+#[test]
+fn empty_folder_and_too_few_images_are_refused_and_write_nothing() {
+    let t = tempfile::tempdir().unwrap();
+    let empty = t.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    std::fs::write(empty.join("notes.txt"), b"no images here").unwrap();
+    let bank = t.path().join("bank.eab");
+    let o = calibrate_demo(&empty, &bank, &[]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        err.contains("empty") && err.contains("no image files"),
+        "{err}"
+    );
+    let few = t.path().join("few");
+    std::fs::create_dir(&few).unwrap();
+    for i in 0..4 {
+        std::fs::copy(
+            demo().join(format!("images/good/plate_0{i}.png")),
+            few.join(format!("{i}.png")),
+        )
+        .unwrap();
+    }
+    let o = calibrate_demo(&few, &bank, &[]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        err.contains("4 normal images") && err.contains("4 references plus at least one"),
+        "{err}"
+    );
+    assert!(!bank.exists());
+    assert_eq!(
+        std::fs::read_dir(t.path()).unwrap().count(),
+        2,
+        "nothing half-written"
+    );
+}
+
+#[test]
+fn duplicate_references_are_refused() {
+    let t = tempfile::tempdir().unwrap();
+    let list = t.path().join("refs.txt");
+    let g = demo().join("images/good");
+    std::fs::write(
+        &list,
+        format!(
+            "{}\n{}\n{}\n",
+            g.join("plate_00.png").display(),
+            g.join("plate_01.png").display(),
+            g.join("plate_00.png").display()
+        ),
+    )
+    .unwrap();
+    let bank = t.path().join("bank.eab");
+    let o = calibrate_demo(&g, &bank, &["--refs-list", s(&list)]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("duplicate reference") && err.contains("plate_00.png"),
+        "{err}"
+    );
+    assert!(!bank.exists());
+}
+
+#[test]
+fn output_in_a_missing_folder_is_refused_before_work() {
+    let t = tempfile::tempdir().unwrap();
+    let bank = t.path().join("missing/bank.eab");
+    let o = calibrate_demo(&demo().join("images/good"), &bank, &[]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        err.contains("missing") && err.contains("does not exist"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read_dir(t.path()).unwrap().count(), 0);
+}
+
+#[test]
+fn mixed_image_sizes_are_fine() {
+    let t = tempfile::tempdir().unwrap();
+    let imgs = t.path().join("imgs");
+    std::fs::create_dir(&imgs).unwrap();
+    for i in 0..6 {
+        let img = image::open(demo().join(format!("images/good/plate_0{i}.png"))).unwrap();
+        let img = if i % 2 == 0 {
+            img.resize_exact(300 + 10 * i, 170, image::imageops::FilterType::Triangle)
+        } else {
+            img
+        };
+        img.save(imgs.join(format!("{i}.png"))).unwrap();
+    }
+    let o = calibrate_demo(&imgs, &t.path().join("bank.eab"), &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+fn demo_bank(dir: &Path) -> PathBuf {
+    let bank = dir.join("bank.eab");
+    let o = calibrate_demo(&demo().join("images/good"), &bank, &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    bank
+}
+
+#[test]
+fn bank_from_another_backbone_or_description_is_refused_naming_which() {
+    let t = tempfile::tempdir().unwrap();
+    let bank = demo_bank(t.path());
+    let img = demo().join("images/test/good/plate_00.png");
+    // Another backbone: the same graph with one weight byte changed.
+    let mut onnx = std::fs::read(demo().join("efficientnet-lite0-ad.onnx")).unwrap();
+    let mid = onnx.len() / 2;
+    onnx[mid] ^= 1;
+    let other = t.path().join("other.onnx");
+    std::fs::write(&other, &onnx).unwrap();
+    let err = fails(&[
+        "inspect",
+        "--model",
+        s(&demo_model()),
+        "--onnx",
+        s(&other),
+        "--bank",
+        s(&bank),
+        s(&img),
+    ]);
+    assert!(
+        err.contains("bank.eab") && err.contains("another backbone"),
+        "{err}"
+    );
+    // Another model description (same backbone, other scoring).
+    let text = std::fs::read_to_string(demo_model())
+        .unwrap()
+        .replace("sigma = 4.0", "sigma = 2.0");
+    let desc = t.path().join("m.toml");
+    std::fs::write(
+        &desc,
+        text.replace(
+            "onnx = \"efficientnet-lite0-ad.onnx\"",
+            &format!("onnx = {:?}", s(&demo().join("efficientnet-lite0-ad.onnx"))),
+        ),
+    )
+    .unwrap();
+    let err = fails(&["inspect", "--model", s(&desc), "--bank", s(&bank), s(&img)]);
+    assert!(err.contains("another model description"), "{err}");
+    // Another fit than calibration used.
+    let err = fails(&[
+        "inspect",
+        "--model",
+        s(&demo_model()),
+        "--fit",
+        "pad",
+        "--bank",
+        s(&bank),
+        s(&img),
+    ]);
+    assert!(
+        err.contains("--fit pad") && err.contains("stretch"),
+        "{err}"
+    );
+}
+
+#[test]
+fn truncated_or_corrupted_bank_is_detected() {
+    let t = tempfile::tempdir().unwrap();
+    let bank = demo_bank(t.path());
+    let img = demo().join("images/test/good/plate_00.png");
+    let bytes = std::fs::read(&bank).unwrap();
+    let cut = t.path().join("cut.eab");
+    std::fs::write(&cut, &bytes[..bytes.len() * 2 / 3]).unwrap();
+    let err = fails(&[
+        "inspect",
+        "--model",
+        s(&demo_model()),
+        "--bank",
+        s(&cut),
+        s(&img),
+    ]);
+    assert!(
+        err.contains("cut.eab") && err.contains("truncated"),
+        "{err}"
+    );
+    let mut bad = bytes.clone();
+    let at = bytes.len() - 1000;
+    bad[at] ^= 0x40;
+    let flipped = t.path().join("flipped.eab");
+    std::fs::write(&flipped, &bad).unwrap();
+    let err = fails(&[
+        "inspect",
+        "--model",
+        s(&demo_model()),
+        "--bank",
+        s(&flipped),
+        s(&img),
+    ]);
+    assert!(
+        err.contains("flipped.eab") && err.contains("checksum mismatch"),
+        "{err}"
+    );
+    let err = fails(&[
+        "inspect",
+        "--model",
+        s(&demo_model()),
+        "--bank",
+        s(&demo_model()),
+        s(&img),
+    ]);
+    assert!(err.contains("not an edge-ad bank"), "{err}");
+}
+
+#[test]
+fn unreadable_image_in_inspect_is_err_and_the_rest_still_run() {
+    let t = tempfile::tempdir().unwrap();
+    let bank = demo_bank(t.path());
+    let d = t.path().join("imgs");
+    std::fs::create_dir(&d).unwrap();
+    std::fs::copy(
+        demo().join("images/test/good/plate_00.png"),
+        d.join("a.png"),
+    )
+    .unwrap();
+    std::fs::write(d.join("b.png"), b"\x89PNG\r\n\x1a\n truncated").unwrap();
+    let out = run(&[
+        "inspect",
+        "--model",
+        s(&demo_model()),
+        "--bank",
+        s(&bank),
+        "--json",
+        s(&d),
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    assert_eq!(lines[0]["verdict"], "OK");
+    assert_eq!(lines[1]["verdict"], "ERR");
+    assert!(lines[1]["error"].as_str().unwrap().contains("b.png"));
+}
+
+/// Issue "first product loop", done-when: calibrate + inspect on the magnetic-tile set with
+/// DINOv2-S; defective images must score higher than normal ones on average.
+#[test]
+fn magnetic_tile_defects_score_higher_than_normals_with_dinov2() {
+    let shared = root().join("../shared/data/magnetic_tile");
+    let onnx = root().join("models/vit_s_focus.onnx");
+    let ci = std::env::var_os("CI").is_some();
+    if !shared.is_dir() || !onnx.is_file() {
+        assert!(!ci, "magnetic tile data or DINOv2-S ONNX missing in CI");
+        eprintln!("SKIPPED magnetic tile: ../shared or models/vit_s_focus.onnx absent");
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let bank = t.path().join("mt.eab");
+    let model = root().join("models/dinov2-s.toml");
+    ok(&[
+        "calibrate",
+        "--model",
+        s(&model),
+        "--refs",
+        "8",
+        "--threads",
+        "2",
+        "--images",
+        s(&shared.join("train/good")),
+        "--out",
+        s(&bank),
+    ]);
+    let stdout = ok(&[
+        "inspect",
+        "--model",
+        s(&model),
+        "--bank",
+        s(&bank),
+        "--threads",
+        "2",
+        "--json",
+        s(&shared.join("test")),
+    ]);
+    let (mut normal, mut defect) = (Vec::new(), Vec::new());
+    for l in stdout.lines() {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap();
+        let score = v["score"].as_f64().unwrap();
+        if v["path"].as_str().unwrap().contains("/test/good/") {
+            normal.push(score)
+        } else {
+            defect.push(score)
+        }
+    }
+    assert_eq!((normal.len(), defect.len()), (34, 36));
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    let auroc = edge_ad_calibration::metrics::auroc(&normal, &defect).unwrap();
+    println!(
+        "magnetic tile, DINOv2-S, 8 refs, fit stretch, no projector: mean normal {:.4}, mean defective {:.4}, image AUROC {auroc:.4}",
+        mean(&normal),
+        mean(&defect)
+    );
+    assert!(mean(&defect) > mean(&normal));
+    assert!(auroc > 0.6, "AUROC {auroc} regressed");
+}
