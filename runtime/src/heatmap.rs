@@ -38,13 +38,18 @@ pub fn render(frame: &Rgb8, insp: &Inspection, scale: Scale, label: &str) -> Rgb
     let pl = insp.placement;
     let (rw, rh) = pl.resized;
     let mut out = frame.clone();
+    let (ox, oy) = (pl.origin.0 as i64, pl.origin.1 as i64);
+    let (gw, gh) = (pl.frame.0 as i64, pl.frame.1 as i64);
     for y in 0..fh {
-        // Frame pixel → resized image → map window (nearest sample).
-        let yr = ((y as f64 + 0.5) * rh as f64 / fh as f64) as i64 - pl.offset.1;
+        // Frame pixel → region (ROI) → resized image → map window (nearest sample).
+        let ry = y as i64 - oy;
+        let yr = ((ry as f64 + 0.5) * rh as f64 / gh as f64).floor() as i64 - pl.offset.1;
         for x in 0..fw {
-            let xr = ((x as f64 + 0.5) * rw as f64 / fw as f64) as i64 - pl.offset.0;
+            let rx = x as i64 - ox;
+            let xr = ((rx as f64 + 0.5) * rw as f64 / gw as f64).floor() as i64 - pl.offset.0;
             let px = &mut out.data[(y * fw + x) * 3..(y * fw + x) * 3 + 3];
-            if (0..mw as i64).contains(&xr) && (0..mh as i64).contains(&yr) {
+            let inside = (0..gw).contains(&rx) && (0..gh).contains(&ry);
+            if inside && (0..mw as i64).contains(&xr) && (0..mh as i64).contains(&yr) {
                 let v = insp.map[yr as usize * mw + xr as usize];
                 let c = jet((v - scale.low) / (scale.high - scale.low));
                 for (p, c) in px.iter_mut().zip(c) {
@@ -137,6 +142,7 @@ mod tests {
             map,
             map_size: (4, 4),
             placement: Placement {
+                origin: (0, 0),
                 frame: (8, 4),
                 resized: (4, 4),
                 offset: (0, 0),
@@ -158,6 +164,7 @@ mod tests {
         // A crop window: frame columns outside it are darkened.
         let insp2 = Inspection {
             placement: Placement {
+                origin: (0, 0),
                 frame: (8, 4),
                 resized: (8, 4),
                 offset: (2, 0),

@@ -9,6 +9,7 @@
 //! fit = "crop"                        # crop | stretch | pad
 //! mean = [0.485, 0.456, 0.406]
 //! std = [0.229, 0.224, 0.225]
+//! # roi = [x, y, width, height]      # optional region of interest in frame pixels
 //! [features]
 //! layout = "tokens"                   # tokens [N, prefix + h·w, C] | maps [N, C, h, w]
 //! prefix_tokens = 1                   # CLS + registers to drop (tokens only)
@@ -82,6 +83,9 @@ pub struct Input {
     /// Smallest accepted image side in pixels: smaller images are refused rather than blown up.
     #[serde(default = "default_min_side")]
     pub min_side: usize,
+    /// Region of interest `[x, y, width, height]` in frame pixels; only it is inspected.
+    #[serde(default)]
+    pub roi: Option<[usize; 4]>,
 }
 
 fn default_min_side() -> usize {
@@ -223,6 +227,13 @@ impl ModelDescription {
                 "input.resize: {} is smaller than the crop {}×{}: the crop would leave the image",
                 i.resize, i.size[0], i.size[1]
             ));
+        }
+        if let Some([x, y, w, h]) = i.roi {
+            if w == 0 || h == 0 {
+                return Err(format!(
+                    "input.roi: [{x}, {y}, {w}, {h}] has an empty width or height"
+                ));
+            }
         }
         for (c, &s) in i.std.iter().enumerate() {
             if !(s.is_finite() && s > 0.0) {

@@ -216,7 +216,9 @@ pub fn round_half_even_half(n: usize) -> usize {
 /// Where the network input came from in the original frame (for drawing maps back).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Placement {
-    /// Frame size `(width, height)`.
+    /// Top-left corner of the fitted region in the frame (the ROI's; `(0, 0)` without one).
+    pub origin: (usize, usize),
+    /// Size of the fitted region `(width, height)`: the ROI, or the whole frame.
     pub frame: (usize, usize),
     /// Size after resizing `(width, height)`.
     pub resized: (usize, usize),
@@ -244,8 +246,33 @@ pub fn prepare(img: &Rgb8, input: &Input) -> Result<Prepared, String> {
             img.width, img.height, input.min_side
         ));
     }
+    // Region of interest first: everything after sees only the ROI.
+    let cropped;
+    let (img, origin) = match input.roi {
+        None => (img, (0, 0)),
+        Some([x, y, rw, rh]) => {
+            if x + rw > img.width || y + rh > img.height {
+                return Err(format!(
+                    "input.roi [{x}, {y}, {rw}, {rh}] (x, y, width, height) lies outside the {}×{} image",
+                    img.width, img.height
+                ));
+            }
+            let mut data = Vec::with_capacity(rw * rh * 3);
+            for row in y..y + rh {
+                data.extend_from_slice(
+                    &img.data[(row * img.width + x) * 3..(row * img.width + x + rw) * 3],
+                );
+            }
+            cropped = Rgb8 {
+                width: rw,
+                height: rh,
+                data,
+            };
+            (&cropped, (x, y))
+        }
+    };
     let (w, h) = (img.width, img.height);
-    let (window, placement) = match input.fit {
+    let (window, mut placement) = match input.fit {
         Fit::Crop => {
             // torchvision Resize(int): short side → resize, long side → int(resize·long/short).
             let (short, long) = (w.min(h), w.max(h));
@@ -267,6 +294,7 @@ pub fn prepare(img: &Rgb8, input: &Input) -> Result<Prepared, String> {
                     data,
                 },
                 Placement {
+                    origin: (0, 0),
                     frame: (w, h),
                     resized: (nw, nh),
                     offset: (left as i64, top as i64),
@@ -276,6 +304,7 @@ pub fn prepare(img: &Rgb8, input: &Input) -> Result<Prepared, String> {
         Fit::Stretch => (
             resize_bicubic(img, iw, ih),
             Placement {
+                origin: (0, 0),
                 frame: (w, h),
                 resized: (iw, ih),
                 offset: (0, 0),
@@ -305,6 +334,7 @@ pub fn prepare(img: &Rgb8, input: &Input) -> Result<Prepared, String> {
                     data,
                 },
                 Placement {
+                    origin: (0, 0),
                     frame: (w, h),
                     resized: (nw, nh),
                     offset: (-(left as i64), -(top as i64)),
@@ -312,6 +342,7 @@ pub fn prepare(img: &Rgb8, input: &Input) -> Result<Prepared, String> {
             )
         }
     };
+    placement.origin = origin;
     let mut chw = vec![0.0f32; 3 * ih * iw];
     normalise(&window, input, &mut chw);
     Ok(Prepared {
@@ -411,6 +442,7 @@ mod tests {
             mean: [0.5; 3],
             std: [0.5; 3],
             min_side: 32,
+            roi: None,
         };
         let e = prepare(
             &Rgb8 {
@@ -425,6 +457,38 @@ mod tests {
     }
 
     #[test]
+    fn roi_is_cut_first_and_recorded() {
+        let mut input = Input {
+            name: None,
+            size: [4, 4],
+            resize: 4,
+            fit: Fit::Stretch,
+            mean: [0.0; 3],
+            std: [1.0; 3],
+            min_side: 1,
+            roi: Some([2, 1, 4, 4]),
+        };
+        // 10×6 frame, bright only inside x 2..6, y 1..5.
+        let mut data = vec![0u8; 10 * 6 * 3];
+        for y in 1..5 {
+            for x in 2..6 {
+                data[(y * 10 + x) * 3..(y * 10 + x) * 3 + 3].fill(255);
+            }
+        }
+        let img = Rgb8 {
+            width: 10,
+            height: 6,
+            data,
+        };
+        let p = prepare(&img, &input).unwrap();
+        assert!(p.window.data.iter().all(|&v| v == 255));
+        assert_eq!((p.placement.origin, p.placement.frame), ((2, 1), (4, 4)));
+        input.roi = Some([8, 0, 4, 4]);
+        let e = prepare(&img, &input).unwrap_err();
+        assert!(e.contains("input.roi") && e.contains("10×6"), "{e}");
+    }
+
+    #[test]
     fn pad_keeps_whole_frame_centred() {
         let input = Input {
             name: None,
@@ -434,6 +498,7 @@ mod tests {
             mean: [0.0; 3],
             std: [1.0; 3],
             min_side: 1,
+            roi: None,
         };
         let p = prepare(
             &Rgb8 {

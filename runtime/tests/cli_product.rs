@@ -447,3 +447,73 @@ fn magnetic_tile_defects_score_higher_than_normals_with_dinov2() {
     assert!(mean(&defect) > mean(&normal));
     assert!(auroc > 0.6, "AUROC {auroc} regressed");
 }
+
+#[test]
+fn region_of_interest_limits_inspection_and_heatmap_to_it() {
+    let t = tempfile::tempdir().unwrap();
+    let onnx = demo().join("efficientnet-lite0-ad.onnx");
+    let text = std::fs::read_to_string(demo_model())
+        .unwrap()
+        .replace(
+            "onnx = \"efficientnet-lite0-ad.onnx\"",
+            &format!("onnx = {:?}", s(&onnx)),
+        )
+        .replace(
+            "fit = \"stretch\"",
+            "fit = \"stretch\"\nroi = [0, 0, 128, 192]",
+        );
+    let model = t.path().join("roi.toml");
+    std::fs::write(&model, text).unwrap();
+    let bank = t.path().join("roi.eab");
+    ok(&[
+        "calibrate",
+        "--model",
+        s(&model),
+        "--refs",
+        "4",
+        "--images",
+        s(&demo().join("images/good")),
+        "--out",
+        s(&bank),
+    ]);
+    let heat = t.path().join("heat");
+    let img = demo().join("images/test/good/plate_00.png");
+    ok(&[
+        "inspect",
+        "--model",
+        s(&model),
+        "--bank",
+        s(&bank),
+        "--heatmap",
+        s(&heat),
+        s(&img),
+    ]);
+    let frame = image::open(&img).unwrap().to_rgb8();
+    let hm = image::open(heat.join("plate_00.png")).unwrap().to_rgb8();
+    assert_eq!(hm.dimensions(), (256, 192));
+    // Right of the ROI: the frame darkened to a third; inside: blended with the colour map.
+    let (f, h) = (frame.get_pixel(200, 100), hm.get_pixel(200, 100));
+    assert_eq!(h[0], f[0] / 3);
+    let (f, h) = (frame.get_pixel(60, 150), hm.get_pixel(60, 150));
+    assert_ne!(h[0], f[0] / 3);
+    // An ROI outside the frame is a clear error naming the field.
+    let bad = std::fs::read_to_string(&model)
+        .unwrap()
+        .replace("roi = [0, 0, 128, 192]", "roi = [200, 0, 128, 192]");
+    std::fs::write(&model, bad).unwrap();
+    let err = fails(&[
+        "calibrate",
+        "--model",
+        s(&model),
+        "--refs",
+        "4",
+        "--images",
+        s(&demo().join("images/good")),
+        "--out",
+        s(&t.path().join("b2.eab")),
+    ]);
+    assert!(
+        err.contains("input.roi") && err.contains("256×192"),
+        "{err}"
+    );
+}
