@@ -26,7 +26,7 @@ if [ ! -x .venv/bin/python ]; then
   echo "setup: creating .venv"
   python3 -m venv .venv
 fi
-if ! .venv/bin/python -c 'import onnxruntime, onnx, numpy, PIL' 2>/dev/null; then
+if ! .venv/bin/python -c 'import onnxruntime, onnx, numpy, PIL, nvidia.cuda_nvrtc' 2>/dev/null; then
   echo "setup: pip install test tools into .venv"
   .venv/bin/pip install --quiet --disable-pip-version-check -r tools/requirements-test.txt
 fi

@@ -129,6 +129,18 @@ impl FeatureNorm {
         })
     }
 
+    /// Feature grid `(h, w)`.
+    pub fn grid(&self) -> (usize, usize) {
+        self.grid
+    }
+    /// The per-position score form.
+    pub fn form(&self) -> NormForm {
+        self.form
+    }
+    /// Normalised Gaussian taps (`2·radius + 1`).
+    pub fn taps(&self) -> &[f64] {
+        &self.taps
+    }
     /// Map size `(H, W)`.
     pub fn out_size(&self) -> (usize, usize) {
         self.out

@@ -12,6 +12,8 @@
 
 #[cfg(target_arch = "x86_64")]
 pub mod attention_avx512;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod featurenorm;
 pub mod gemm;
 pub mod projector;

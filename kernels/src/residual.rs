@@ -132,6 +132,10 @@ impl LevelBank {
     pub fn raw(&self) -> &[f32] {
         &self.raw
     }
+    /// Unit-normalised rows, `rows × channels` (what the similarity is computed on).
+    pub fn unit(&self) -> &[f32] {
+        &self.unit
+    }
     /// Raw features in half precision, for writing an f16 bank.
     pub fn to_f16(&self) -> Vec<f16> {
         self.raw.iter().map(|&v| f16::from_f32(v)).collect()
