@@ -307,12 +307,35 @@ impl std::fmt::Debug for Gpu {
     }
 }
 
-/// One level's bank on the device: unit rows (search) and raw rows (subtraction), both fp16.
+/// One level's bank on the device: unit rows (search) and raw rows (subtraction), both fp16,
+/// channels zero-padded to a multiple of 16 (the tensor-core K step; zeros change no dot product).
 pub struct GpuBank {
     unit: CudaSlice<u16>,
     raw: CudaSlice<u16>,
     rows: usize,
     channels: usize,
+    padded: usize,
+}
+
+impl std::fmt::Debug for GpuBank {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GpuBank")
+            .field("rows", &self.rows)
+            .field("channels", &self.channels)
+            .finish()
+    }
+}
+
+/// `rows × c` → `rows × padded`, zero-filled.
+fn pad_rows<T: Copy + Default>(v: &[T], c: usize, padded: usize) -> Vec<T> {
+    if c == padded {
+        return v.to_vec();
+    }
+    let mut out = vec![T::default(); v.len() / c * padded];
+    for (src, dst) in v.chunks_exact(c).zip(out.chunks_exact_mut(padded)) {
+        dst[..c].copy_from_slice(src);
+    }
+    out
 }
 
 fn to_f16_bits(v: &[f32]) -> Vec<u16> {
@@ -382,25 +405,17 @@ impl Gpu {
 
     /// Upload one level's bank (its unit rows and raw rows in fp16).
     pub fn upload_bank(&self, bank: &LevelBank) -> Result<GpuBank, CudaError> {
-        if !bank.channels().is_multiple_of(16) {
-            return Err(CudaError::Shape(format!(
-                "GPU residual search needs channels % 16 == 0, got {}",
-                bank.channels()
-            )));
-        }
-        let unit = self
-            .stream
-            .clone_htod(&to_f16_bits(bank.unit()))
-            .map_err(drv)?;
-        let raw = self
-            .stream
-            .clone_htod(&to_f16_bits(bank.raw()))
-            .map_err(drv)?;
+        let (c, padded) = (bank.channels(), bank.channels().div_ceil(16) * 16);
+        let unit = pad_rows(&to_f16_bits(bank.unit()), c, padded);
+        let raw = pad_rows(&to_f16_bits(bank.raw()), c, padded);
+        let unit = self.stream.clone_htod(&unit).map_err(drv)?;
+        let raw = self.stream.clone_htod(&raw).map_err(drv)?;
         Ok(GpuBank {
             unit,
             raw,
             rows: bank.rows(),
-            channels: bank.channels(),
+            channels: c,
+            padded,
         })
     }
 
@@ -427,12 +442,13 @@ impl Gpu {
             )));
         }
         let n = queries.len() / c;
+        let cp = bank.padded;
         let s = &self.stream;
-        let q = s.clone_htod(queries).map_err(drv)?;
-        let mut qu = s.alloc_zeros::<u16>(n * c).map_err(drv)?;
+        let q = s.clone_htod(&pad_rows(queries, c, cp)).map_err(drv)?;
+        let mut qu = s.alloc_zeros::<u16>(n * cp).map_err(drv)?;
         let mut am = s.alloc_zeros::<i32>(n).map_err(drv)?;
-        let mut res = s.alloc_zeros::<f32>(n * c).map_err(drv)?;
-        let (n_i, m_i, c_i) = (n as i32, bank.rows as i32, c as i32);
+        let mut res = s.alloc_zeros::<f32>(n * cp).map_err(drv)?;
+        let (n_i, m_i, c_i) = (n as i32, bank.rows as i32, cp as i32);
         let cfg = LaunchConfig {
             grid_dim: (grid_1d(n * 32, 256), 1, 1),
             block_dim: (256, 1, 1),
@@ -445,7 +461,7 @@ impl Gpu {
         let cfg = LaunchConfig {
             grid_dim: (grid_1d(n, NN_BM), 1, 1),
             block_dim: (NN_THREADS, 1, 1),
-            shared_mem_bytes: (NN_BM * c * 2) as u32,
+            shared_mem_bytes: (NN_BM * cp * 2) as u32,
         };
         let mut b = s.launch_builder(&self.f.nn_residual);
         b.arg(&qu)
@@ -460,7 +476,14 @@ impl Gpu {
         // SAFETY: argument types and order match `nn_residual`; c % 16 == 0 was checked.
         unsafe { b.launch(cfg) }.map_err(drv)?;
         let am_host: Vec<i32> = s.clone_dtoh(&am).map_err(drv)?;
-        s.memcpy_dtoh(&res, residual).map_err(drv)?;
+        if cp == c {
+            s.memcpy_dtoh(&res, residual).map_err(drv)?;
+        } else {
+            let wide: Vec<f32> = s.clone_dtoh(&res).map_err(drv)?;
+            for (dst, src) in residual.chunks_exact_mut(c).zip(wide.chunks_exact(cp)) {
+                dst.copy_from_slice(&src[..c]);
+            }
+        }
         for (o, &i) in argmax.iter_mut().zip(&am_host) {
             *o = i as u32;
         }

@@ -186,7 +186,13 @@ fn gpu_residual_search_matches_the_cpu_twin() {
     let Some(g) = gpu() else { return };
     let mut seed = 5u64;
     // DINOv2-S shape: 256 queries, K = 8 → 2048 bank rows, C = 384; plus ragged sizes.
-    for (n, m, c) in [(256, 2048, 384), (37, 1000, 64), (1, 3, 16)] {
+    for (n, m, c) in [
+        (256, 2048, 384),
+        (37, 1000, 64),
+        (1, 3, 16),
+        (196, 784, 152),
+        (5, 40, 3),
+    ] {
         let bank: Vec<f32> = (0..m * c).map(|_| rnd(&mut seed)).collect();
         let mut q: Vec<f32> = (0..n * c).map(|_| rnd(&mut seed)).collect();
         q[..c].fill(0.0); // a zero query: similarity 0 everywhere → row 0

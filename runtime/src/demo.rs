@@ -6,7 +6,7 @@ use crate::error::{Error, Result};
 use crate::heatmap::{self, Scale};
 use crate::images::list_images;
 use crate::inspector::{calibrate, CalibrateOptions, Inspector, Verdict};
-use crate::pipeline::{Pipeline, PipelineOptions};
+use crate::pipeline::{Device, Pipeline, PipelineOptions};
 use crate::preprocess::Rgb8;
 use edge_ad_calibration::ThresholdRule;
 use edge_ad_kernels::BankDtype;
@@ -74,12 +74,14 @@ pub fn run_demo(
     demo: &Path,
     out: &Path,
     threads: usize,
+    device: Device,
     mut on_part: impl FnMut(&DemoPart),
 ) -> Result<DemoSummary> {
     let model = demo.join("efficientnet-lite0.toml");
     let opts = PipelineOptions {
         model,
         threads,
+        device,
         ..Default::default()
     };
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;

@@ -64,6 +64,9 @@ pub enum Error {
     /// A bank file could not be used.
     #[error(transparent)]
     Bank(#[from] edge_ad_calibration::BankFileError),
+    /// The CUDA path was asked for and is unusable, or failed on a frame.
+    #[error("GPU: {0}")]
+    Gpu(String),
     /// Any other invalid argument.
     #[error("{0}")]
     Invalid(String),

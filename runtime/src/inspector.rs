@@ -211,7 +211,7 @@ pub fn bank_from_file(file: &BankFile) -> Result<Bank> {
             LevelData::F32(v) => LevelBank::new(info.rows, info.channels, v, BankDtype::F32),
         })
         .collect::<Result<Vec<_>, _>>()?;
-    Ok(Bank { levels })
+    Ok(Bank::new(levels))
 }
 
 /// A pipeline with its bank and threshold: inspects parts and gives verdicts.

@@ -14,5 +14,5 @@ pub mod preprocess;
 
 pub use error::{Error, Result};
 pub use model::{Fit, LoadedDescription, ModelDescription};
-pub use pipeline::{Bank, Inspection, Pipeline, PipelineOptions, Timings};
+pub use pipeline::{Bank, Device, Inspection, Pipeline, PipelineOptions, Timings};
 pub use preprocess::Rgb8;

@@ -7,7 +7,7 @@ use edge_ad::bench::{self, BenchOptions};
 use edge_ad::heatmap::{self, Scale};
 use edge_ad::images::list_images;
 use edge_ad::inspector::{calibrate, CalibrateOptions, Inspector};
-use edge_ad::{Fit, Pipeline, PipelineOptions, Rgb8};
+use edge_ad::{Device, Fit, Pipeline, PipelineOptions, Rgb8};
 use edge_ad_calibration::ThresholdRule;
 use edge_ad_kernels::BankDtype;
 use std::io::{IsTerminal, Write};
@@ -44,6 +44,9 @@ struct ModelArgs {
     /// How frames are fitted to the network input: crop | stretch | pad (overrides the description).
     #[arg(long)]
     fit: Option<Fit>,
+    /// Where residual search and scoring run: cpu | cuda | auto (CUDA when usable, else CPU).
+    #[arg(long, default_value = "auto")]
+    device: Device,
 }
 
 impl ModelArgs {
@@ -54,6 +57,7 @@ impl ModelArgs {
             projector: self.projector.clone(),
             threads: self.threads,
             fit: self.fit,
+            device: self.device,
         }
     }
     fn load(&self) -> Result<Pipeline> {
@@ -75,6 +79,9 @@ enum Command {
         /// Threads (0 = all cores).
         #[arg(long, default_value_t = 0)]
         threads: usize,
+        /// Where residual search and scoring run: cpu | cuda | auto.
+        #[arg(long, default_value = "auto")]
+        device: Device,
     },
     /// Build a reference bank from good parts and set the decision threshold.
     ///
@@ -240,6 +247,7 @@ fn run(cli: Cli) -> Result<()> {
             out,
             demo_dir,
             threads,
+            device,
         } => {
             let dir = match demo_dir {
                 Some(d) => d,
@@ -252,7 +260,7 @@ fn run(cli: Cli) -> Result<()> {
                 edge_ad::demo::DEMO_REFS,
                 dir.join("images/good").display()
             );
-            let summary = edge_ad::demo::run_demo(&dir, &out, threads, |p| {
+            let summary = edge_ad::demo::run_demo(&dir, &out, threads, device, |p| {
                 let mark = if p.verdict == p.expected {
                     ""
                 } else {

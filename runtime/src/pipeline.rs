@@ -30,6 +30,34 @@ pub struct PipelineOptions {
     pub threads: usize,
     /// Overrides the description's `input.fit`.
     pub fit: Option<Fit>,
+    /// Where the kernels after the backbone run.
+    pub device: Device,
+}
+
+/// Where the residual search and FeatureNorm run (the backbone stays on tract's CPU path).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Device {
+    /// The CPU kernels.
+    Cpu,
+    /// The CUDA kernels; an error when no usable GPU is present.
+    Cuda,
+    /// CUDA when a GPU is usable, else the CPU with one log line saying why.
+    #[default]
+    Auto,
+}
+
+impl std::str::FromStr for Device {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "cpu" => Ok(Device::Cpu),
+            "cuda" => Ok(Device::Cuda),
+            "auto" => Ok(Device::Auto),
+            other => Err(format!(
+                "unknown device `{other}`: expected cpu, cuda or auto"
+            )),
+        }
+    }
 }
 
 /// Per-stage wall time of one frame, in milliseconds.
@@ -72,14 +100,37 @@ pub struct Features {
 }
 
 /// Reference features of K normal images, one [`LevelBank`] per level (spec §3.1 layout:
-/// image-major, then positions row-major).
-#[derive(Debug, Clone)]
+/// image-major, then positions row-major). A GPU copy is made on the first GPU inspection and kept.
 pub struct Bank {
     /// Banks in level order.
     pub levels: Vec<LevelBank>,
+    gpu: std::sync::OnceLock<Vec<edge_ad_kernels::cuda::GpuBank>>,
+}
+
+impl Clone for Bank {
+    fn clone(&self) -> Self {
+        Self::new(self.levels.clone())
+    }
+}
+
+impl std::fmt::Debug for Bank {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bank")
+            .field("levels", &self.levels)
+            .field("on_gpu", &self.gpu.get().is_some())
+            .finish()
+    }
 }
 
 impl Bank {
+    /// A bank of these levels.
+    pub fn new(levels: Vec<LevelBank>) -> Self {
+        Self {
+            levels,
+            gpu: std::sync::OnceLock::new(),
+        }
+    }
+
     /// Concatenate the features of the reference images (each `levels × positions × channels`),
     /// rounded to `dtype`.
     pub fn from_features(refs: &[Features], channels: usize, dtype: BankDtype) -> Result<Self> {
@@ -105,7 +156,7 @@ impl Bank {
                 dtype,
             )?);
         }
-        Ok(Self { levels })
+        Ok(Self::new(levels))
     }
 }
 
@@ -152,6 +203,7 @@ pub struct Pipeline {
     projector: Option<(Projector, PathBuf, String)>,
     scorer: FeatureNorm,
     pool: Arc<rayon::ThreadPool>,
+    gpu: Option<edge_ad_kernels::cuda::Gpu>,
     state: FrameState,
 }
 
@@ -245,12 +297,14 @@ impl Pipeline {
             argmax: vec![Vec::new(); levels],
             ..Default::default()
         };
+        let gpu = open_gpu(opts.device)?;
         Ok(Self {
             desc,
             backbone,
             projector,
             scorer,
             pool,
+            gpu,
             state,
         })
     }
@@ -279,6 +333,11 @@ impl Pipeline {
             model_sha256: edge_ad_calibration::bankfile::sha256_hex(&self.desc.bytes),
             projector_sha256: self.projector.as_ref().map(|p| p.2.clone()),
         }
+    }
+
+    /// The GPU architecture the kernels run on, if any (`None`: CPU kernels).
+    pub fn gpu_arch(&self) -> Option<&str> {
+        self.gpu.as_ref().map(|g| g.arch())
     }
 
     /// Threads of the shared pool.
@@ -378,23 +437,48 @@ impl Pipeline {
         self.check_bank(bank)?;
         let mut timings = Timings::default();
         let st = &mut self.state;
-        let (projector, scorer) = (&self.projector, &self.scorer);
+        let (projector, scorer, gpu) = (&self.projector, &self.scorer, &self.gpu);
         let p = self.desc.desc.features.grid[0] * self.desc.desc.features.grid[1];
         let (h, w) = scorer.out_size();
         let mut map = vec![0.0f32; h * w];
+        let gpu_err = |e: edge_ad_kernels::cuda::CudaError| Error::Gpu(e.to_string());
+        let gpu_banks = match gpu {
+            Some(g) => {
+                if bank.gpu.get().is_none() {
+                    let up = bank
+                        .levels
+                        .iter()
+                        .map(|l| g.upload_bank(l))
+                        .collect::<Result<Vec<_>, _>>();
+                    let _ = bank.gpu.set(up.map_err(gpu_err)?);
+                }
+                bank.gpu.get()
+            }
+            None => None,
+        };
         let score = self.pool.install(|| -> Result<f32> {
             let t = Instant::now();
             for (l, lb) in bank.levels.iter().enumerate() {
                 st.argmax[l].resize(p, 0);
                 st.residual[l].resize(st.taps[l].len(), 0.0);
-                nearest_residual(
-                    &st.taps[l],
-                    lb,
-                    &mut st.residual_ws,
-                    &mut st.argmax[l],
-                    &mut st.residual[l],
-                    Par::Pool,
-                )?;
+                match (gpu, gpu_banks) {
+                    (Some(g), Some(gb)) => g
+                        .nearest_residual(
+                            &st.taps[l],
+                            &gb[l],
+                            &mut st.argmax[l],
+                            &mut st.residual[l],
+                        )
+                        .map_err(gpu_err)?,
+                    _ => nearest_residual(
+                        &st.taps[l],
+                        lb,
+                        &mut st.residual_ws,
+                        &mut st.argmax[l],
+                        &mut st.residual[l],
+                        Par::Pool,
+                    )?,
+                }
             }
             timings.residual_ms = ms(t.elapsed());
             let t = Instant::now();
@@ -418,13 +502,22 @@ impl Pipeline {
             };
             let views: Vec<&[f32]> = feats.iter().map(Vec::as_slice).collect();
             st.level_maps.resize(views.len() * p, 0.0);
-            let s = scorer.score(
-                &views,
-                &mut map,
-                Some(&mut st.level_maps),
-                &mut st.score_ws,
-                Par::Pool,
-            )?;
+            let s = match gpu {
+                Some(g) => {
+                    // Per-level grids for the frame state stay CPU-computed (cheap, 4 × 256 norms).
+                    for (v, lm) in views.iter().zip(st.level_maps.chunks_exact_mut(p)) {
+                        scorer.level_map(v, lm)?;
+                    }
+                    g.featurenorm(scorer, &views, &mut map).map_err(gpu_err)?
+                }
+                None => scorer.score(
+                    &views,
+                    &mut map,
+                    Some(&mut st.level_maps),
+                    &mut st.score_ws,
+                    Par::Pool,
+                )?,
+            };
             timings.score_ms = ms(t.elapsed());
             Ok(s)
         })?;
@@ -443,6 +536,34 @@ impl Pipeline {
         }
         self.state.taps.clone_from(&features.levels);
         Ok(())
+    }
+}
+
+/// The GPU for `device`: `Auto` falls back to the CPU with one log line (info when no driver is
+/// installed, the normal case on a CPU box; warn when a driver is there but the GPU failed).
+fn open_gpu(device: Device) -> Result<Option<edge_ad_kernels::cuda::Gpu>> {
+    use edge_ad_kernels::cuda::{CudaError, Gpu};
+    match device {
+        Device::Cpu => Ok(None),
+        Device::Cuda => {
+            let g = Gpu::new().map_err(|e| Error::Gpu(format!("--device cuda: {e}")))?;
+            log::info!("CUDA kernels on {}", g.arch());
+            Ok(Some(g))
+        }
+        Device::Auto => match Gpu::new() {
+            Ok(g) => {
+                log::info!("CUDA kernels on {}", g.arch());
+                Ok(Some(g))
+            }
+            Err(CudaError::NoDriver) => {
+                log::info!("no CUDA driver: residual search and scoring run on the CPU");
+                Ok(None)
+            }
+            Err(e) => {
+                log::warn!("CUDA unavailable ({e}); residual search and scoring run on the CPU");
+                Ok(None)
+            }
+        },
     }
 }
 

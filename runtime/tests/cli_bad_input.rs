@@ -376,3 +376,38 @@ fn too_few_images_for_the_bank() {
     ]);
     assert!(err.contains("imgs") && err.contains("3 images"), "{err}");
 }
+
+#[test]
+fn device_cuda_without_a_gpu_is_a_clear_error_and_auto_falls_back() {
+    if edge_ad_kernels::cuda::driver_available() {
+        eprintln!("SKIPPED: a CUDA driver is present");
+        return;
+    }
+    let demo = root().join("demo");
+    let t = tempfile::tempdir().unwrap();
+    let err = fails(&["demo", "--out", s(&t.path().join("d")), "--device", "cuda"]);
+    assert!(
+        err.contains("--device cuda") && err.contains("no CUDA driver"),
+        "{err}"
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_edge-ad"))
+        .args([
+            "--log",
+            "info",
+            "demo",
+            "--out",
+            s(&t.path().join("d2")),
+            "--demo-dir",
+            s(&demo),
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        log.contains("no CUDA driver: residual search and scoring run on the CPU"),
+        "{log}"
+    );
+    let err = fails(&["demo", "--device", "tpu"]);
+    assert!(err.contains("tpu"), "{err}");
+}
