@@ -10,7 +10,7 @@
 //! `K_h` is packed as in the residual search ([`crate::residual_avx512::pack_panels`]): panels of
 //! 16 references, channel-major; padding references score 0 and are excluded from the softmax.
 
-use crate::residual_avx512::LANES;
+use crate::residual_avx512::{accumulate, lane_mask, LANES};
 use std::arch::x86_64::*;
 
 const MR: usize = 8;
@@ -113,19 +113,7 @@ unsafe fn scores<const R: usize, const P: usize>(
     s: *mut f32,
     ss: usize,
 ) {
-    let mut acc = [[_mm512_setzero_ps(); P]; R];
-    for k in 0..d {
-        let mut b = [_mm512_setzero_ps(); P];
-        for (j, v) in b.iter_mut().enumerate() {
-            *v = _mm512_loadu_ps(kp.add((j * d + k) * LANES));
-        }
-        for (i, row) in acc.iter_mut().enumerate() {
-            let a = _mm512_set1_ps(*q.add(i * qs + k));
-            for (j, v) in row.iter_mut().enumerate() {
-                *v = _mm512_fmadd_ps(a, b[j], *v);
-            }
-        }
-    }
+    let acc = accumulate::<R, P>(q, qs, kp, d);
     for (i, row) in acc.iter().enumerate() {
         for (j, &v) in row.iter().enumerate() {
             _mm512_storeu_ps(s.add(i * ss + j * LANES), v);
@@ -138,7 +126,7 @@ unsafe fn scores<const R: usize, const P: usize>(
 unsafe fn exp_row(row: &mut [f32]) -> f32 {
     let n = row.len();
     let full = n / LANES * LANES;
-    let tail: __mmask16 = ((1u32 << (n - full)) - 1) as __mmask16;
+    let tail = lane_mask(n - full);
     let p = row.as_mut_ptr();
     let mut m = _mm512_set1_ps(f32::NEG_INFINITY);
     let mut j = 0;
@@ -166,13 +154,14 @@ unsafe fn exp_row(row: &mut [f32]) -> f32 {
     _mm512_reduce_add_ps(sum)
 }
 
-/// 16-lane `e^x`, the Cephes polynomial of [`crate::vmath::exp`].
+/// 16-lane `e^x`, the same reduction and polynomial as [`crate::vmath::exp`].
 #[target_feature(enable = "avx512f")]
 #[inline]
 unsafe fn exp512(x: __m512) -> __m512 {
+    use crate::vmath::{EXP_MAX, EXP_MIN, EXP_POLY, LN2_HI, LN2_LO};
     let x = _mm512_min_ps(
-        _mm512_max_ps(x, _mm512_set1_ps(-87.3)),
-        _mm512_set1_ps(88.7),
+        _mm512_max_ps(x, _mm512_set1_ps(EXP_MIN)),
+        _mm512_set1_ps(EXP_MAX),
     );
     let t = _mm512_fmadd_ps(
         x,
@@ -180,17 +169,11 @@ unsafe fn exp512(x: __m512) -> __m512 {
         _mm512_set1_ps(0.5),
     );
     let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC }>(t);
-    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_359_4), x);
-    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.121_944_4e-4), r);
-    let mut y = _mm512_set1_ps(1.987_569_1e-4);
-    for c in [
-        1.398_199_9e-3,
-        8.333_452e-3,
-        4.166_579_6e-2,
-        1.666_666_5e-1,
-        0.5,
-    ] {
-        y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(c));
+    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_HI), x);
+    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_LO), r);
+    let mut y = _mm512_set1_ps(EXP_POLY[0]);
+    for c in &EXP_POLY[1..] {
+        y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(*c));
     }
     let y = _mm512_fmadd_ps(
         _mm512_mul_ps(y, r),
@@ -217,14 +200,7 @@ unsafe fn pv<const R: usize, const DC: usize>(
     os: usize,
     inv: &[f32],
 ) {
-    let masks: [__mmask16; DC] = std::array::from_fn(|t| {
-        let valid = d.saturating_sub(t * LANES).min(LANES);
-        if valid == LANES {
-            0xFFFF
-        } else {
-            ((1u32 << valid) - 1) as __mmask16
-        }
-    });
+    let masks: [__mmask16; DC] = std::array::from_fn(|t| lane_mask(d.saturating_sub(t * LANES)));
     let mut acc = [[_mm512_setzero_ps(); DC]; R];
     let (sp, vp) = (s.as_ptr(), v.as_ptr());
     for j in 0..n {

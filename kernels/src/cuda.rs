@@ -555,28 +555,20 @@ impl Gpu {
         // SAFETY: argument types and order match `assemble`.
         unsafe { k.launch(img) }.map_err(drv)?;
         // Vertical pass a → b2, then horizontal b2 → a (SciPy's axis order).
-        let vertical = 1i32;
-        let mut k = s.launch_builder(&self.f.gauss);
-        k.arg(&a)
-            .arg(&mut b2)
-            .arg(&taps)
-            .arg(&radius)
-            .arg(&h_i)
-            .arg(&w_i)
-            .arg(&vertical);
-        // SAFETY: argument types and order match `gauss`.
-        unsafe { k.launch(img) }.map_err(drv)?;
-        let horizontal = 0i32;
-        let mut k = s.launch_builder(&self.f.gauss);
-        k.arg(&b2)
-            .arg(&mut a)
-            .arg(&taps)
-            .arg(&radius)
-            .arg(&h_i)
-            .arg(&w_i)
-            .arg(&horizontal);
-        // SAFETY: argument types and order match `gauss`.
-        unsafe { k.launch(img) }.map_err(drv)?;
+        let gauss = |src: &CudaSlice<f32>, dst: &mut CudaSlice<f32>, vertical: i32| {
+            let mut k = s.launch_builder(&self.f.gauss);
+            k.arg(src)
+                .arg(dst)
+                .arg(&taps)
+                .arg(&radius)
+                .arg(&h_i)
+                .arg(&w_i)
+                .arg(&vertical);
+            // SAFETY: argument types and order match `gauss`.
+            unsafe { k.launch(img) }.map(|_| ()).map_err(drv)
+        };
+        gauss(&a, &mut b2, 1)?;
+        gauss(&b2, &mut a, 0)?;
         let n_px = (h * w) as i32;
         let cfg = LaunchConfig {
             grid_dim: (grid_1d(h * w, 1024).min(64), 1, 1),

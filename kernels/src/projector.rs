@@ -62,6 +62,10 @@ pub struct ProjectorWorkspace {
     attn: Vec<f32>,
     x1: Vec<f32>,
     hidden: Vec<f32>,
+    sums: Vec<f64>,
+    mean: Vec<f32>,
+    squeeze: Vec<f32>,
+    gate: Vec<f32>,
 }
 
 thread_local! {
@@ -78,6 +82,29 @@ pub fn se_width(channels: usize) -> usize {
         r += 8;
     }
     r
+}
+
+/// The authors' state-dict entries of one level (spec §4.3), as key suffixes after `l{i}_proj.`
+/// with their shapes, for width `c`, `refs` learnable references and SE width `se`.
+pub fn state_dict_shapes(c: usize, refs: usize, se: usize) -> [(&'static str, Vec<usize>); 15] {
+    let h = 4 * c;
+    [
+        ("x_ref", vec![1, refs, c]),
+        ("ref_proj.project.weight", vec![c, c, 1]),
+        ("ref_proj.project.bias", vec![c]),
+        ("layers.0.cross_attn.in_proj_weight", vec![3 * c, c]),
+        ("layers.0.cross_attn.in_proj_bias", vec![3 * c]),
+        ("layers.0.cross_attn.out_proj.weight", vec![c, c]),
+        ("layers.0.cross_attn.out_proj.bias", vec![c]),
+        ("layers.0.mlp.fc1.weight", vec![h, c]),
+        ("layers.0.mlp.fc1.bias", vec![h]),
+        ("layers.0.mlp.se.fc1.weight", vec![se, h]),
+        ("layers.0.mlp.se.fc1.bias", vec![se]),
+        ("layers.0.mlp.se.fc2.weight", vec![h, se]),
+        ("layers.0.mlp.se.fc2.bias", vec![h]),
+        ("layers.0.mlp.fc2.weight", vec![c, h]),
+        ("layers.0.mlp.fc2.bias", vec![c]),
+    ]
 }
 
 struct Reader<'a> {
@@ -185,23 +212,25 @@ impl LevelProjector {
             .first()
             .copied()
             .unwrap_or(0);
-        let h = 4 * c;
-        let l = |k: &str| format!("{p}layers.0.{k}");
-        let x_ref = r.get(&format!("{p}x_ref"), &[1, refs, c])?;
-        let w_ref = r.get(&format!("{p}ref_proj.project.weight"), &[c, c, 1])?;
-        let b_ref = r.get(&format!("{p}ref_proj.project.bias"), &[c])?;
-        let w_in = r.get(&l("cross_attn.in_proj_weight"), &[3 * c, c])?;
-        let b_in = r.get(&l("cross_attn.in_proj_bias"), &[3 * c])?;
-        let w_o = r.get(&l("cross_attn.out_proj.weight"), &[c, c])?;
-        let b_o = r.get(&l("cross_attn.out_proj.bias"), &[c])?;
-        let w_1 = r.get(&l("mlp.fc1.weight"), &[h, c])?;
-        let b_1 = r.get(&l("mlp.fc1.bias"), &[h])?;
-        let w_s1 = r.get(&l("mlp.se.fc1.weight"), &[se, h])?;
-        let b_s1 = r.get(&l("mlp.se.fc1.bias"), &[se])?;
-        let w_s2 = r.get(&l("mlp.se.fc2.weight"), &[h, se])?;
-        let b_s2 = r.get(&l("mlp.se.fc2.bias"), &[h])?;
-        let w_2 = r.get(&l("mlp.fc2.weight"), &[c, h])?;
-        let b_2 = r.get(&l("mlp.fc2.bias"), &[c])?;
+        let mut tensors = state_dict_shapes(c, refs, se)
+            .into_iter()
+            .map(|(key, shape)| r.get(&format!("{p}{key}"), &shape))
+            .collect::<Result<Vec<_>, _>>()?
+            .into_iter();
+        let mut next = || tensors.next().expect("one tensor per table entry");
+        // Same order as `state_dict_shapes`.
+        let (x_ref, w_ref, b_ref, w_in, b_in, w_o, b_o) =
+            (next(), next(), next(), next(), next(), next(), next());
+        let (w_1, b_1, w_s1, b_s1, w_s2, b_s2, w_2, b_2) = (
+            next(),
+            next(),
+            next(),
+            next(),
+            next(),
+            next(),
+            next(),
+            next(),
+        );
 
         // §4.4: R = x_ref·W_refᵀ + b_ref; K = R·W_kᵀ + b_k; V = R·W_vᵀ + b_v, once.
         let linear = |x: &[f32], w: &[f32], b: &[f32], rows: usize, out: usize, inp: usize| {
@@ -431,40 +460,46 @@ impl LevelProjector {
             true,
             par,
         );
-        let mut mean = vec![0.0f64; h];
+        ws.sums.clear();
+        ws.sums.resize(h, 0.0);
         for row in ws.hidden.chunks_exact(h) {
-            for (m, &v) in mean.iter_mut().zip(row) {
+            for (m, &v) in ws.sums.iter_mut().zip(row) {
                 *m += v as f64;
             }
         }
-        let mean: Vec<f32> = mean.iter().map(|&s| (s / p as f64) as f32).collect();
-        let mut z = self.b_s1.clone();
+        ws.mean.clear();
+        ws.mean
+            .extend(ws.sums.iter().map(|&s| (s / p as f64) as f32));
+        ws.squeeze.clone_from(&self.b_s1);
         matmul(
             1,
             self.se_hidden,
             h,
-            &mean,
+            &ws.mean,
             &self.w_s1,
             Rhs::NxK,
-            &mut z,
+            &mut ws.squeeze,
             true,
             Par::Single,
         );
-        z.iter_mut().for_each(|v| *v = v.max(0.0));
-        let mut gate = self.b_s2.clone();
+        ws.squeeze.iter_mut().for_each(|v| *v = v.max(0.0));
+        ws.gate.clone_from(&self.b_s2);
         matmul(
             1,
             h,
             self.se_hidden,
-            &z,
+            &ws.squeeze,
             &self.w_s2,
             Rhs::NxK,
-            &mut gate,
+            &mut ws.gate,
             true,
             Par::Single,
         );
-        gate.iter_mut().for_each(|v| *v = 1.0 / (1.0 + (-*v).exp()));
-        let act = |row: &mut [f32]| crate::vmath::gelu_gated(row, &gate);
+        ws.gate
+            .iter_mut()
+            .for_each(|v| *v = 1.0 / (1.0 + (-*v).exp()));
+        let gate = &ws.gate;
+        let act = |row: &mut [f32]| crate::vmath::gelu_gated(row, gate);
         match par {
             Par::Pool => ws.hidden.par_chunks_mut(h).for_each(act),
             Par::Single => ws.hidden.chunks_mut(h).for_each(act),
@@ -530,27 +565,10 @@ mod tests {
 
     /// A generated projector of width `c` with `n` learnable references, as safetensors bytes.
     fn generated(c: usize, n: usize) -> Vec<u8> {
-        let r = se_width(c);
-        let shapes: Vec<(String, Vec<usize>)> = [
-            ("x_ref", vec![1, n, c]),
-            ("ref_proj.project.weight", vec![c, c, 1]),
-            ("ref_proj.project.bias", vec![c]),
-            ("layers.0.cross_attn.in_proj_weight", vec![3 * c, c]),
-            ("layers.0.cross_attn.in_proj_bias", vec![3 * c]),
-            ("layers.0.cross_attn.out_proj.weight", vec![c, c]),
-            ("layers.0.cross_attn.out_proj.bias", vec![c]),
-            ("layers.0.mlp.fc1.weight", vec![4 * c, c]),
-            ("layers.0.mlp.fc1.bias", vec![4 * c]),
-            ("layers.0.mlp.se.fc1.weight", vec![r, 4 * c]),
-            ("layers.0.mlp.se.fc1.bias", vec![r]),
-            ("layers.0.mlp.se.fc2.weight", vec![4 * c, r]),
-            ("layers.0.mlp.se.fc2.bias", vec![4 * c]),
-            ("layers.0.mlp.fc2.weight", vec![c, 4 * c]),
-            ("layers.0.mlp.fc2.bias", vec![c]),
-        ]
-        .into_iter()
-        .map(|(k, s)| (format!("l1_proj.{k}"), s))
-        .collect();
+        let shapes: Vec<(String, Vec<usize>)> = state_dict_shapes(c, n, se_width(c))
+            .into_iter()
+            .map(|(k, s)| (format!("l1_proj.{k}"), s))
+            .collect();
         let data: Vec<Vec<u8>> = shapes
             .iter()
             .enumerate()

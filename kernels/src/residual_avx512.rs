@@ -87,7 +87,44 @@ pub unsafe fn search(
     }
 }
 
-/// One `R × (P·16)` register tile: queries `q[0..R]` against panels `p0..p0+P`.
+/// The register tile both AVX-512 kernels stand on: `R` rows of `q` (row stride `qs`) against
+/// `P` consecutive 16-row panels at `panels` (each channel-major over `k` channels), accumulated
+/// over the `k` channels. Returns `acc[i][j]` = 16 dot products of row `i` with panel `j`.
+#[target_feature(enable = "avx512f")]
+#[inline]
+pub(crate) unsafe fn accumulate<const R: usize, const P: usize>(
+    q: *const f32,
+    qs: usize,
+    panels: *const f32,
+    k: usize,
+) -> [[__m512; P]; R] {
+    let mut acc = [[_mm512_setzero_ps(); P]; R];
+    for kk in 0..k {
+        let mut bv = [_mm512_setzero_ps(); P];
+        for (j, v) in bv.iter_mut().enumerate() {
+            *v = _mm512_loadu_ps(panels.add((j * k + kk) * LANES));
+        }
+        for (i, row) in acc.iter_mut().enumerate() {
+            let a = _mm512_set1_ps(*q.add(i * qs + kk));
+            for (j, v) in row.iter_mut().enumerate() {
+                *v = _mm512_fmadd_ps(a, bv[j], *v);
+            }
+        }
+    }
+    acc
+}
+
+/// Mask of the first `valid` lanes (all 16 when `valid ≥ 16`).
+pub(crate) fn lane_mask(valid: usize) -> __mmask16 {
+    if valid >= LANES {
+        0xFFFF
+    } else {
+        ((1u32 << valid) - 1) as __mmask16
+    }
+}
+
+/// One `R × (P·16)` register tile: queries `q[0..R]` against panels `p0..p0+P`, folded into each
+/// query's running best.
 #[target_feature(enable = "avx512f")]
 #[inline]
 unsafe fn tile<const R: usize, const P: usize>(
@@ -98,29 +135,12 @@ unsafe fn tile<const R: usize, const P: usize>(
     rows: usize,
     best: &mut [(f32, u32)],
 ) {
-    let mut acc = [[_mm512_setzero_ps(); P]; R];
-    for k in 0..c {
-        let mut bv = [_mm512_setzero_ps(); P];
-        for (j, v) in bv.iter_mut().enumerate() {
-            *v = _mm512_loadu_ps(b.add((j * c + k) * LANES));
-        }
-        for (i, row) in acc.iter_mut().enumerate() {
-            let a = _mm512_set1_ps(*q.add(i * c + k));
-            for (j, v) in row.iter_mut().enumerate() {
-                *v = _mm512_fmadd_ps(a, bv[j], *v);
-            }
-        }
-    }
+    let acc = accumulate::<R, P>(q, c, b, c);
     for (i, row) in acc.iter().enumerate() {
         let cur = &mut best[i];
         for (j, &v) in row.iter().enumerate() {
             let base = (p0 + j) * LANES;
-            let valid = rows.saturating_sub(base).min(LANES);
-            let mask: __mmask16 = if valid == LANES {
-                0xFFFF
-            } else {
-                ((1u32 << valid) - 1) as __mmask16
-            };
+            let mask = lane_mask(rows.saturating_sub(base));
             let m = _mm512_mask_reduce_max_ps(mask, v);
             // Strictly greater: earlier panels (lower rows) keep ties; NaN never wins.
             if m > cur.0 {

@@ -7,21 +7,34 @@
 //! Accuracy: `exp` within 2 ulp on [−87, 88] (Cephes `expf` polynomial); `erf` within 6e-7
 //! absolute (Abramowitz–Stegun 7.1.26, 1.5e-7, plus f32 evaluation), far inside the 1e-4 conformance tolerance.
 
+/// Range of [`exp`]'s argument: below, ~1e-38 instead of denormals; above, overflow.
+pub(crate) const EXP_MIN: f32 = -87.3;
+/// Upper end of [`exp`]'s range.
+pub(crate) const EXP_MAX: f32 = 88.7;
+/// `ln 2` split in a high part exact in few bits and a low correction (Cody–Waite reduction).
+pub(crate) const LN2_HI: f32 = 0.693_359_4;
+/// Low part of `ln 2`.
+pub(crate) const LN2_LO: f32 = -2.121_944_4e-4;
+/// Cephes `expf` polynomial on the reduced argument, highest degree first.
+pub(crate) const EXP_POLY: [f32; 6] = [
+    1.987_569_1e-4,
+    1.398_199_9e-3,
+    8.333_452e-3,
+    4.166_579_6e-2,
+    1.666_666_5e-1,
+    0.5,
+];
+
 /// `e^x` for `x ≤ 88.7`; inputs below −87.3 give ~1e-38 instead of denormals/zero.
 #[inline(always)]
 pub fn exp(x: f32) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    let x = x.clamp(-87.3, 88.7);
-    let n = (x * LOG2E + 0.5).floor();
+    let x = x.clamp(EXP_MIN, EXP_MAX);
+    let n = (x * std::f32::consts::LOG2_E + 0.5).floor();
     let r = x - n * LN2_HI - n * LN2_LO;
-    let mut p = 1.987_569_1e-4f32;
-    p = p * r + 1.398_199_9e-3;
-    p = p * r + 8.333_452e-3;
-    p = p * r + 4.166_579_6e-2;
-    p = p * r + 1.666_666_5e-1;
-    p = p * r + 0.5;
+    let mut p = EXP_POLY[0];
+    for c in &EXP_POLY[1..] {
+        p = p * r + c;
+    }
     let y = p * r * r + r + 1.0;
     y * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }

@@ -8,7 +8,7 @@ use crate::images::list_images;
 use crate::inspector::{calibrate, CalibrateOptions, Inspector, Verdict};
 use crate::pipeline::{Device, Pipeline, PipelineOptions};
 use crate::preprocess::Rgb8;
-use edge_ad_calibration::ThresholdRule;
+use edge_ad_calibration::{BankFile, ThresholdRule};
 use edge_ad_kernels::BankDtype;
 use std::path::{Path, PathBuf};
 
@@ -86,19 +86,18 @@ pub fn run_demo(
     };
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     let bank = out.join("demo-bank.eab");
-    {
-        let mut pipeline = Pipeline::load(&opts)?;
-        let cal = CalibrateOptions {
-            images: demo.join("images/good"),
-            refs: DEMO_REFS,
-            refs_list: None,
-            bank_dtype: BankDtype::F16,
-            rule: ThresholdRule::default(),
-        };
-        let (file, _) = calibrate(&mut pipeline, &cal, |_, _, _| {})?;
-        file.save(&bank)?;
-    }
-    let mut inspector = Inspector::load(&opts, &bank)?;
+    let mut pipeline = Pipeline::load(&opts)?;
+    let cal = CalibrateOptions {
+        images: demo.join("images/good"),
+        refs: DEMO_REFS,
+        refs_list: None,
+        bank_dtype: BankDtype::F16,
+        rule: ThresholdRule::default(),
+    };
+    let (file, _) = calibrate(&mut pipeline, &cal, |_, _, _| {})?;
+    file.save(&bank)?;
+    // Inspect from the bank as written, as the line does; the loaded pipeline is reused.
+    let mut inspector = Inspector::with_pipeline(pipeline, BankFile::load(&bank)?, &bank)?;
     let th = inspector.header().threshold.clone();
     let scale = Scale::for_threshold(th.normal_min, th.value);
     let heatmaps = out.join("heatmaps");

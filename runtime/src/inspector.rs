@@ -151,7 +151,7 @@ pub fn calibrate(
     let header = BankHeader {
         identity: pipeline.identity(),
         model_name: d.name.clone(),
-        fit: fit_name(d.input.fit).into(),
+        fit: d.input.fit.to_string(),
         references: refs.iter().map(|p| display_name(p, &opts.images)).collect(),
         selection: selection.into(),
         levels: bank
@@ -191,15 +191,6 @@ fn display_name(p: &Path, root: &Path) -> String {
         .into_owned()
 }
 
-/// The name of a fit mode as stored in banks.
-pub fn fit_name(f: Fit) -> &'static str {
-    match f {
-        Fit::Crop => "crop",
-        Fit::Stretch => "stretch",
-        Fit::Pad => "pad",
-    }
-}
-
 /// The in-memory bank of a bank file.
 pub fn bank_from_file(file: &BankFile) -> Result<Bank> {
     let levels = file
@@ -236,16 +227,29 @@ impl Inspector {
             if f != bank_fit {
                 return Err(Error::Invalid(format!(
                     "--fit {} differs from the bank's fit {} ({}): recalibrate with --fit {}",
-                    fit_name(f),
-                    fit_name(bank_fit),
+                    f,
+                    bank_fit,
                     bank_path.display(),
-                    fit_name(f)
+                    f
                 )));
             }
         }
         let mut o = opts.clone();
         o.fit = Some(bank_fit);
-        let pipeline = Pipeline::load(&o)?;
+        Self::with_pipeline(Pipeline::load(&o)?, file, bank_path)
+    }
+
+    /// An inspector over an already loaded pipeline (no second load and optimisation of the
+    /// model): the bank must match its identity and fit.
+    pub fn with_pipeline(pipeline: Pipeline, file: BankFile, bank_path: &Path) -> Result<Self> {
+        let fit = pipeline.description().desc.input.fit;
+        if fit.name() != file.header.fit {
+            return Err(Error::Invalid(format!(
+                "{}: bank made with fit {}, pipeline uses {fit}",
+                bank_path.display(),
+                file.header.fit
+            )));
+        }
         file.check_identity(&pipeline.identity(), bank_path)?;
         let bank = bank_from_file(&file)?;
         Ok(Self {

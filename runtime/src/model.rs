@@ -38,17 +38,33 @@ pub enum Fit {
     Pad,
 }
 
+impl Fit {
+    /// Every mode, for parsing and messages.
+    pub const ALL: [Fit; 3] = [Fit::Crop, Fit::Stretch, Fit::Pad];
+
+    /// The name used in model descriptions, banks and on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Fit::Crop => "crop",
+            Fit::Stretch => "stretch",
+            Fit::Pad => "pad",
+        }
+    }
+}
+
+impl std::fmt::Display for Fit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 impl std::str::FromStr for Fit {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "crop" => Ok(Fit::Crop),
-            "stretch" => Ok(Fit::Stretch),
-            "pad" => Ok(Fit::Pad),
-            other => Err(format!(
-                "unknown fit `{other}`: expected crop, stretch or pad"
-            )),
-        }
+        Fit::ALL
+            .into_iter()
+            .find(|f| f.name() == s)
+            .ok_or_else(|| format!("unknown fit `{s}`: expected crop, stretch or pad"))
     }
 }
 

@@ -354,11 +354,15 @@ impl Pipeline {
     }
 
     /// Prepare an image for the network (spec §1 and the `fit` mode).
+    /// Runs on the shared pool (the resampler splits rows over it).
     pub fn prepare(&self, img: &Rgb8, path: &Path) -> Result<crate::preprocess::Prepared> {
-        prepare(img, &self.desc.desc.input).map_err(|message| Error::Image {
-            path: path.into(),
-            message,
-        })
+        let input = &self.desc.desc.input;
+        self.pool
+            .install(|| prepare(img, input))
+            .map_err(|message| Error::Image {
+                path: path.into(),
+                message,
+            })
     }
 
     fn run_backbone(&mut self, chw: &[f32]) -> Result<()> {
@@ -407,14 +411,7 @@ impl Pipeline {
     pub fn inspect(&mut self, img: &Rgb8, path: &Path, bank: &Bank) -> Result<Inspection> {
         self.check_bank(bank)?;
         let t0 = Instant::now();
-        let input = &self.desc.desc.input;
-        let prepared = self
-            .pool
-            .install(|| prepare(img, input))
-            .map_err(|message| Error::Image {
-                path: path.into(),
-                message,
-            })?;
+        let prepared = self.prepare(img, path)?;
         let t1 = Instant::now();
         self.run_backbone(&prepared.chw)?;
         let t2 = Instant::now();

@@ -3,43 +3,10 @@
 
 use safetensors::tensor::TensorView;
 use safetensors::Dtype;
+mod common;
+
+use common::*;
 use std::path::{Path, PathBuf};
-use std::process::Command;
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
-fn real_model() -> Option<PathBuf> {
-    let onnx = root().join("models/vit_s_focus.onnx");
-    if onnx.is_file() {
-        Some(onnx)
-    } else if std::env::var_os("CI").is_some() {
-        panic!("models/vit_s_focus.onnx missing in CI (tools/setup.sh fetches it)")
-    } else {
-        eprintln!("SKIPPED: models/vit_s_focus.onnx not fetched");
-        None
-    }
-}
-
-/// Run edge-ad; returns stderr after checking the exit is a clean failure.
-fn fails(args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_edge-ad"))
-        .args(args)
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(!out.status.success(), "edge-ad {args:?} succeeded:\n{err}");
-    assert_eq!(out.status.code(), Some(2), "edge-ad {args:?}: {err}");
-    assert!(
-        !err.contains("panicked"),
-        "edge-ad {args:?} panicked:\n{err}"
-    );
-    err
-}
 
 /// A copy of models/dinov2-s.toml in `dir`, edited, pointing at the real (or a fake) ONNX.
 fn model_toml(dir: &Path, edit: impl Fn(String) -> String) -> PathBuf {
@@ -64,10 +31,6 @@ fn images_dir(dir: &Path, n: usize) -> PathBuf {
         img.save(d.join(format!("img{i}.png"))).unwrap();
     }
     d
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
 }
 
 #[test]
@@ -151,28 +114,10 @@ fn small_projector(
     levels: usize,
     tweak: impl Fn(&str, Vec<usize>) -> Option<Vec<usize>>,
 ) {
-    let c = 16;
     let mut specs: Vec<(String, Vec<usize>)> = Vec::new();
     for l in 1..=levels {
-        let p = format!("l{l}_proj.");
-        for (k, shape) in [
-            ("x_ref", vec![1, 4, c]),
-            ("ref_proj.project.weight", vec![c, c, 1]),
-            ("ref_proj.project.bias", vec![c]),
-            ("layers.0.cross_attn.in_proj_weight", vec![3 * c, c]),
-            ("layers.0.cross_attn.in_proj_bias", vec![3 * c]),
-            ("layers.0.cross_attn.out_proj.weight", vec![c, c]),
-            ("layers.0.cross_attn.out_proj.bias", vec![c]),
-            ("layers.0.mlp.fc1.weight", vec![4 * c, c]),
-            ("layers.0.mlp.fc1.bias", vec![4 * c]),
-            ("layers.0.mlp.se.fc1.weight", vec![8, 4 * c]),
-            ("layers.0.mlp.se.fc1.bias", vec![8]),
-            ("layers.0.mlp.se.fc2.weight", vec![4 * c, 8]),
-            ("layers.0.mlp.se.fc2.bias", vec![4 * c]),
-            ("layers.0.mlp.fc2.weight", vec![c, 4 * c]),
-            ("layers.0.mlp.fc2.bias", vec![c]),
-        ] {
-            let key = format!("{p}{k}");
+        for (k, shape) in edge_ad_kernels::projector::state_dict_shapes(16, 4, 8) {
+            let key = format!("l{l}_proj.{k}");
             if let Some(s) = tweak(&key, shape) {
                 specs.push((key, s));
             }
@@ -290,7 +235,9 @@ fn projector_not_safetensors_is_refused() {
 
 #[test]
 fn unknown_tap_lists_nearest_names() {
-    let Some(_) = real_model() else { return };
+    if !dinov2_present() {
+        return;
+    }
     let t = tempfile::tempdir().unwrap();
     let m = model_toml(t.path(), |s| {
         s.replace("layer.5/Add_1_output_0", "layer.5/Add_7_output_0")
@@ -308,7 +255,9 @@ fn unknown_tap_lists_nearest_names() {
 
 #[test]
 fn truncated_image_names_the_file() {
-    let Some(_) = real_model() else { return };
+    if !dinov2_present() {
+        return;
+    }
     let t = tempfile::tempdir().unwrap();
     let m = model_toml(t.path(), |s| s);
     let d = images_dir(t.path(), 2);
@@ -333,7 +282,9 @@ fn truncated_image_names_the_file() {
 
 #[test]
 fn image_too_small_is_refused() {
-    let Some(_) = real_model() else { return };
+    if !dinov2_present() {
+        return;
+    }
     let t = tempfile::tempdir().unwrap();
     let m = model_toml(t.path(), |s| s);
     let d = images_dir(t.path(), 1);
@@ -359,7 +310,9 @@ fn image_too_small_is_refused() {
 
 #[test]
 fn too_few_images_for_the_bank() {
-    let Some(_) = real_model() else { return };
+    if !dinov2_present() {
+        return;
+    }
     let t = tempfile::tempdir().unwrap();
     let m = model_toml(t.path(), |s| s);
     let d = images_dir(t.path(), 3);
@@ -390,18 +343,16 @@ fn device_cuda_without_a_gpu_is_a_clear_error_and_auto_falls_back() {
         err.contains("--device cuda") && err.contains("no CUDA driver"),
         "{err}"
     );
-    let out = Command::new(env!("CARGO_BIN_EXE_edge-ad"))
-        .args([
-            "--log",
-            "info",
-            "demo",
-            "--out",
-            s(&t.path().join("d2")),
-            "--demo-dir",
-            s(&demo),
-        ])
-        .output()
-        .unwrap();
+    let d2 = t.path().join("d2");
+    let out = run(&[
+        "--log",
+        "info",
+        "demo",
+        "--out",
+        s(&d2),
+        "--demo-dir",
+        s(&demo),
+    ]);
     assert!(out.status.success());
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(

@@ -1,47 +1,11 @@
 //! The product loop through the `edge-ad` binary: demo, calibrate → inspect (JSON, heatmaps,
 //! dumps), every bad input of the bank and calibration, and the magnetic-tile run with DINOv2-S.
 
+mod common;
+
+use common::*;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-fn demo() -> PathBuf {
-    root().join("demo")
-}
-fn demo_model() -> PathBuf {
-    demo().join("efficientnet-lite0.toml")
-}
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-fn run(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_edge-ad"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = run(args);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "edge-ad {args:?} failed:\n{err}");
-    String::from_utf8(out.stdout).unwrap()
-}
-
-fn fails(args: &[&str]) -> String {
-    let out = run(args);
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(!out.status.success(), "edge-ad {args:?} succeeded");
-    assert_eq!(out.status.code(), Some(2), "{err}");
-    assert!(!err.contains("panicked"), "{err}");
-    err
-}
+use std::process::Output;
 
 /// Calibrate the demo model on `images` into `out`.
 fn calibrate_demo(images: &Path, out: &Path, extra: &[&str]) -> Output {
@@ -392,11 +356,15 @@ fn unreadable_image_in_inspect_is_err_and_the_rest_still_run() {
 #[test]
 fn magnetic_tile_defects_score_higher_than_normals_with_dinov2() {
     let shared = root().join("../shared/data/magnetic_tile");
-    let onnx = root().join("models/vit_s_focus.onnx");
-    let ci = std::env::var_os("CI").is_some();
-    if !shared.is_dir() || !onnx.is_file() {
-        assert!(!ci, "magnetic tile data or DINOv2-S ONNX missing in CI");
-        eprintln!("SKIPPED magnetic tile: ../shared or models/vit_s_focus.onnx absent");
+    if !shared.is_dir() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "../shared/data/magnetic_tile missing in CI"
+        );
+        eprintln!("SKIPPED magnetic tile: ../shared absent");
+        return;
+    }
+    if !dinov2_present() {
         return;
     }
     let t = tempfile::tempdir().unwrap();
