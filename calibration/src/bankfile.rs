@@ -97,7 +97,11 @@ pub struct Identity {
 /// Shape and precision of one level.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LevelInfo {
-    /// Bank rows (references × positions).
+    /// The model level (1-based tap number) this bank level scores; 0 in banks written before
+    /// level selection existed, meaning "the level at this index".
+    #[serde(default)]
+    pub level: usize,
+    /// Bank rows (reference windows × positions).
     pub rows: usize,
     /// Channels.
     pub channels: usize,
@@ -112,12 +116,18 @@ pub struct BankHeader {
     pub identity: Identity,
     /// Model name (for people).
     pub model_name: String,
-    /// Frame fit used at calibration (`crop`, `stretch`, `pad`).
+    /// Frame fit used at calibration (`crop`, `stretch`, `pad`, `tile`).
     pub fit: String,
+    /// Backbone windows the references gave (tiles; equal to the reference count otherwise).
+    #[serde(default)]
+    pub windows: usize,
     /// Reference image names, in bank order.
     pub references: Vec<String>,
-    /// How the references were chosen (`first`, `list`, …).
+    /// How the references were chosen (`first`, `random`, `kmeans`, `list`) and from how many.
     pub selection: String,
+    /// How the scored levels were chosen (`all`, `given`, `auto: …` with the criterion's numbers).
+    #[serde(default)]
+    pub level_choice: String,
     /// Per-level shapes.
     pub levels: Vec<LevelInfo>,
     /// Decision threshold and how it was set.
@@ -167,6 +177,17 @@ fn hex(b: &[u8]) -> String {
 /// SHA-256 of bytes, as lower-case hex (the identity format).
 pub fn sha256_hex(bytes: &[u8]) -> String {
     hex(&Sha256::digest(bytes))
+}
+
+impl BankHeader {
+    /// The model levels (1-based) the bank scores, in bank order.
+    pub fn scored_levels(&self) -> Vec<usize> {
+        self.levels
+            .iter()
+            .enumerate()
+            .map(|(i, l)| if l.level == 0 { i + 1 } else { l.level })
+            .collect()
+    }
 }
 
 impl BankFile {
@@ -269,6 +290,12 @@ impl BankFile {
             return Err(BankFileError::Checksum { path: path.into() });
         }
         let header = header.map_err(|e| fmt(format!("header: {e}")))?;
+        let levels = header.scored_levels();
+        if levels.contains(&0) || levels.windows(2).any(|w| w[0] >= w[1]) {
+            return Err(fmt(format!(
+                "header: levels {levels:?} must be 1-based and strictly increasing"
+            )));
+        }
         if expected_len != Some(bytes.len() as u64) {
             return Err(fmt(format!(
                 "{} bytes, header implies {:?}",
@@ -410,15 +437,19 @@ mod tests {
                 identity: id,
                 model_name: "m".into(),
                 fit: "crop".into(),
+                windows: 2,
                 references: vec!["a.png".into(), "b.png".into()],
                 selection: "first".into(),
+                level_choice: "all".into(),
                 levels: vec![
                     LevelInfo {
+                        level: 0,
                         rows: 2,
                         channels: 3,
                         dtype: "f16".into(),
                     },
                     LevelInfo {
+                        level: 0,
                         rows: 2,
                         channels: 3,
                         dtype: "f32".into(),

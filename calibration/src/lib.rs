@@ -3,11 +3,14 @@
 //! - [`bankfile`]: the on-disk bank (versioned header, identities, per-level features, threshold,
 //!   checksum), written atomically;
 //! - [`threshold`]: rules that turn normal scores into a decision threshold;
-//! - [`metrics`]: image AUROC.
+//! - [`select`]: reference selection (first, random, k-means);
+//! - [`metrics`]: image and pixel AUROC, AUPRO, F1-max.
 
 pub mod bankfile;
 pub mod metrics;
+pub mod select;
 pub mod threshold;
 
 pub use bankfile::{BankFile, BankFileError, BankHeader, Identity, LevelData, LevelInfo};
-pub use threshold::{Threshold, ThresholdRule};
+pub use select::Selection;
+pub use threshold::{DefectStats, Threshold, ThresholdRule};

@@ -3,7 +3,7 @@
 
 use crate::error::{Error, Result};
 use crate::images::list_images;
-use crate::pipeline::{Features, Pipeline};
+use crate::pipeline::Pipeline;
 use crate::preprocess::Rgb8;
 use edge_ad_kernels::gemm::{flops, matmul, Rhs};
 use edge_ad_kernels::{residual::residual_flops, BankDtype, Par};
@@ -48,6 +48,8 @@ pub struct BenchReport {
     pub projector_ms: Option<f64>,
     /// FeatureNorm scoring.
     pub score_ms: f64,
+    /// Backbone passes (tiles) per frame, median; the stage times cover all of them.
+    pub tiles: f64,
     /// Whole frame, preprocessing included.
     pub total_ms: f64,
     /// Residual similarity product rate.
@@ -106,11 +108,14 @@ pub fn run(
     }
     let load = |p: &Path| Rgb8::open(p);
     progress(&format!("building a bank from {} references", opts.refs));
-    let mut refs: Vec<Features> = Vec::with_capacity(opts.refs);
+    let mut refs = Vec::with_capacity(opts.refs);
     for p in &files[..opts.refs] {
-        refs.push(pipeline.features(&load(p)?, p)?);
+        refs.push(pipeline.frame_features(&load(p)?, p)?);
     }
-    let bank = pipeline.build_bank(&refs, opts.bank_dtype)?;
+    // Every level: the worst case of any level choice.
+    let all: Vec<usize> = (0..pipeline.description().desc.taps.len()).collect();
+    let bank =
+        pipeline.bank_from_frames(&refs.iter().collect::<Vec<_>>(), opts.bank_dtype, &all)?;
     let frames: Vec<(PathBuf, Rgb8)> = files[opts.refs..]
         .iter()
         .map(|p| Ok((p.clone(), load(p)?)))
@@ -122,7 +127,8 @@ pub fn run(
         frames_n,
         pipeline.threads()
     ));
-    let mut t: Vec<Vec<f64>> = (0..6).map(|_| Vec::with_capacity(frames_n)).collect();
+    let mut t: Vec<Vec<f64>> = (0..7).map(|_| Vec::with_capacity(frames_n)).collect();
+    let (mut windows, mut res_sum, mut proj_sum) = (0usize, 0.0f64, 0.0f64);
     for i in 0..opts.warmup + frames_n {
         let (p, img) = &frames[i % frames.len()];
         let r = pipeline.inspect(img, p, &bank)?;
@@ -135,12 +141,17 @@ pub fn run(
                 tm.projector_ms,
                 tm.score_ms,
                 tm.total_ms,
+                tm.tiles as f64,
             ]) {
                 v.push(x);
             }
+            windows += tm.tiles;
+            res_sum += tm.residual_ms;
+            proj_sum += tm.projector_ms;
         }
     }
-    let [pre, bb, res, proj, score, total] = [0, 1, 2, 3, 4, 5].map(|i| median(&mut t[i]));
+    let [pre, bb, res, proj, score, total, tiles] =
+        [0, 1, 2, 3, 4, 5, 6].map(|i| median(&mut t[i]));
     let d = &pipeline.description().desc;
     let (p, c) = (d.positions(), d.features.channels);
     let rows = bank.levels[0].rows();
@@ -165,8 +176,9 @@ pub fn run(
         projector_ms: proj_flops.map(|_| proj),
         score_ms: score,
         total_ms: total,
-        residual_gflops: res_flops / (res * 1e-3) / 1e9,
-        projector_gflops: proj_flops.map(|f| f / (proj * 1e-3) / 1e9),
+        tiles,
+        residual_gflops: res_flops * windows as f64 / (res_sum * 1e-3) / 1e9,
+        projector_gflops: proj_flops.map(|f| f * windows as f64 / (proj_sum * 1e-3) / 1e9),
         sgemm_gflops: sgemm,
         total_over_backbone: total / bb,
     })

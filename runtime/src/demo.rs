@@ -8,8 +8,7 @@ use crate::images::list_images;
 use crate::inspector::{calibrate, CalibrateOptions, Inspector, Verdict};
 use crate::pipeline::{Device, Pipeline, PipelineOptions};
 use crate::preprocess::Rgb8;
-use edge_ad_calibration::{BankFile, ThresholdRule};
-use edge_ad_kernels::BankDtype;
+use edge_ad_calibration::BankFile;
 use std::path::{Path, PathBuf};
 
 /// References the demo calibrates with (the bundled `good/` folder has 8 parts).
@@ -90,9 +89,7 @@ pub fn run_demo(
     let cal = CalibrateOptions {
         images: demo.join("images/good"),
         refs: DEMO_REFS,
-        refs_list: None,
-        bank_dtype: BankDtype::F16,
-        rule: ThresholdRule::default(),
+        ..Default::default()
     };
     let (file, _) = calibrate(&mut pipeline, &cal, |_, _, _| {})?;
     file.save(&bank)?;

@@ -3,39 +3,140 @@
 
 use crate::error::{Error, Result};
 use crate::images::list_images;
+use crate::model::check_levels;
 use crate::model::Fit;
-use crate::pipeline::{Bank, Features, Inspection, Pipeline, PipelineOptions};
+use crate::pipeline::{Bank, FrameFeatures, Inspection, Pipeline, PipelineOptions};
 use crate::preprocess::Rgb8;
+use crate::synthetic::draw_defect;
 use edge_ad_calibration::bankfile::{BankHeader, LevelInfo};
+use edge_ad_calibration::metrics;
+use edge_ad_calibration::select::{kmeans_references, random_indices, Selection};
 use edge_ad_calibration::{BankFile, LevelData, Threshold, ThresholdRule};
 use edge_ad_kernels::{BankDtype, LevelBank};
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
+/// Which levels the bank scores.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum LevelChoice {
+    /// The model description's `score.levels` (all levels when it has none).
+    #[default]
+    Model,
+    /// Every tapped level.
+    All,
+    /// These levels, 1-based.
+    Given(Vec<usize>),
+    /// Chosen from data: with `--defects` the set that separates normal from defective best,
+    /// without it the set that separates normal images from synthetic defects best
+    /// ([`crate::synthetic`]).
+    Auto,
+}
+
+impl std::str::FromStr for LevelChoice {
+    type Err = String;
+    /// `model`, `all`, `auto` or a list such as `2,3`.
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "model" => Ok(LevelChoice::Model),
+            "all" => Ok(LevelChoice::All),
+            "auto" => Ok(LevelChoice::Auto),
+            list => list
+                .split(',')
+                .map(|x| {
+                    x.trim().parse::<usize>().map_err(|_| {
+                        format!(
+                            "levels `{s}`: `{x}` is not a level number (expected all, auto, model or a list like 2,3)"
+                        )
+                    })
+                })
+                .collect::<std::result::Result<Vec<_>, _>>()
+                .map(LevelChoice::Given),
+        }
+    }
+}
+
 /// Calibration settings.
 #[derive(Debug, Clone)]
 pub struct CalibrateOptions {
-    /// Folder of normal images (walked recursively).
+    /// Folder of normal images (walked recursively): the pool references are chosen from.
     pub images: PathBuf,
     /// Reference images in the bank.
     pub refs: usize,
     /// Exact reference images, one path per line (relative paths: to the list's folder).
     pub refs_list: Option<PathBuf>,
+    /// How references are chosen from the pool.
+    pub select: Selection,
+    /// Seed of random and k-means selection and of synthetic defects.
+    pub seed: u64,
+    /// Levels scored.
+    pub levels: LevelChoice,
+    /// Folder of known-bad parts: places the threshold between the classes.
+    pub defects: Option<PathBuf>,
     /// Bank precision.
     pub bank_dtype: BankDtype,
     /// Threshold rule.
     pub rule: ThresholdRule,
 }
 
-/// What calibration did, for the summary a person reads.
+impl Default for CalibrateOptions {
+    fn default() -> Self {
+        Self {
+            images: PathBuf::new(),
+            refs: 8,
+            refs_list: None,
+            select: Selection::default(),
+            seed: 0,
+            levels: LevelChoice::default(),
+            defects: None,
+            bank_dtype: BankDtype::F16,
+            rule: ThresholdRule::default(),
+        }
+    }
+}
+
+/// A scored image of the calibration.
+#[derive(Debug, Clone)]
+pub struct ScoredImage {
+    /// The image.
+    pub path: PathBuf,
+    /// Its score.
+    pub score: f64,
+    /// True for a reference scored against the bank without itself (leave-one-out).
+    pub left_out: bool,
+}
+
+/// One candidate level set of `--levels auto`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LevelCandidate {
+    /// Levels, 1-based.
+    pub levels: Vec<usize>,
+    /// AUROC of normal against (synthetic or real) defect scores.
+    pub auroc: f64,
+    /// `(mean defect − mean normal) / (normal std + defect std)`: the tie-breaker.
+    pub separation: f64,
+}
+
+/// What calibration did, for the report a person reads.
 #[derive(Debug, Clone)]
 pub struct CalibrationReport {
     /// Reference images, bank order.
     pub references: Vec<PathBuf>,
-    /// Held-out normal images and their scores.
-    pub normal_scores: Vec<(PathBuf, f64)>,
+    /// Normal images of the pool and their scores (held out, or references left out).
+    pub normal_scores: Vec<ScoredImage>,
+    /// Known-bad parts and their scores (with `--defects`).
+    pub defect_scores: Vec<ScoredImage>,
     /// The threshold set from them.
     pub threshold: Threshold,
+    /// Levels scored (1-based) and how they were chosen.
+    pub levels: Vec<usize>,
+    /// The level choice in words (stored in the bank too).
+    pub level_choice: String,
+    /// The candidates of `--levels auto`, best first.
+    pub candidates: Vec<LevelCandidate>,
+    /// The highest-scoring normal images with their inspections (for heatmaps), highest first.
+    pub top_normal: Vec<(PathBuf, Inspection)>,
+    /// Backbone windows per frame (tiles), summed over the references.
+    pub windows: usize,
 }
 
 /// Verdict of one part against the bank's threshold.
@@ -81,83 +182,416 @@ fn read_refs_list(list: &Path) -> Result<Vec<PathBuf>> {
     Ok(out)
 }
 
+/// Backbone features of every image of a folder (the calibration pool, a test set): computed once,
+/// then scored against as many banks as needed.
+#[derive(Debug, Clone)]
+pub struct FeatureSet {
+    /// The images, in file-name order.
+    pub paths: Vec<PathBuf>,
+    /// Their features.
+    pub frames: Vec<FrameFeatures>,
+}
+
+impl FeatureSet {
+    /// Features of `paths`; `progress(done, total)` after each.
+    pub fn extract(
+        pipeline: &mut Pipeline,
+        paths: Vec<PathBuf>,
+        mut progress: impl FnMut(usize, usize),
+    ) -> Result<Self> {
+        let mut frames = Vec::with_capacity(paths.len());
+        for (i, p) in paths.iter().enumerate() {
+            progress(i, paths.len());
+            frames.push(pipeline.frame_features(&Rgb8::open(p)?, p)?);
+        }
+        progress(paths.len(), paths.len());
+        Ok(Self { paths, frames })
+    }
+
+    /// One global descriptor per image for clustering: per level the mean feature over every
+    /// position of every window, L2-normalised, levels concatenated.
+    pub fn descriptors(&self, channels: usize) -> Vec<Vec<f32>> {
+        self.frames
+            .iter()
+            .map(|f| {
+                let mut out = Vec::new();
+                for l in 0..f.tiles[0].levels.len() {
+                    let mut mean = vec![0.0f64; channels];
+                    for t in &f.tiles {
+                        for row in t.levels[l].chunks_exact(channels) {
+                            for (m, &x) in mean.iter_mut().zip(row) {
+                                *m += x as f64;
+                            }
+                        }
+                    }
+                    let norm = mean.iter().map(|m| m * m).sum::<f64>().sqrt().max(1e-12);
+                    out.extend(mean.iter().map(|m| (m / norm) as f32));
+                }
+                out
+            })
+            .collect()
+    }
+
+    /// Indices of `k` references chosen by `select` (sorted).
+    pub fn select(&self, k: usize, select: Selection, seed: u64, channels: usize) -> Vec<usize> {
+        let k = k.min(self.paths.len());
+        match select {
+            Selection::First => (0..k).collect(),
+            Selection::Random => random_indices(self.paths.len(), k, seed),
+            Selection::Kmeans => kmeans_references(&self.descriptors(channels), k, seed),
+        }
+    }
+}
+
+/// Inspections of every frame against `bank`.
+fn score_all(
+    pipeline: &mut Pipeline,
+    frames: &[&FrameFeatures],
+    bank: &Bank,
+) -> Result<Vec<Inspection>> {
+    frames
+        .iter()
+        .map(|f| pipeline.score_frame(f, bank))
+        .collect()
+}
+
+/// Leave-one-out normal scores over a pool with references `refs`: every other image scored
+/// against the bank, every reference against the bank of the other references.
+fn normal_scores(
+    pipeline: &mut Pipeline,
+    pool: &FeatureSet,
+    refs: &[usize],
+    bank: &Bank,
+    dtype: BankDtype,
+) -> Result<Vec<(usize, Inspection, bool)>> {
+    let mut out = Vec::with_capacity(pool.frames.len());
+    for (i, f) in pool.frames.iter().enumerate() {
+        if refs.contains(&i) {
+            continue;
+        }
+        out.push((i, pipeline.score_frame(f, bank)?, false));
+    }
+    if refs.len() > 1 {
+        for &r in refs {
+            let others: Vec<&FrameFeatures> = refs
+                .iter()
+                .filter(|&&o| o != r)
+                .map(|&o| &pool.frames[o])
+                .collect();
+            let loo = pipeline.bank_from_frames(&others, dtype, bank.taps())?;
+            out.push((r, pipeline.score_frame(&pool.frames[r], &loo)?, true));
+        }
+    }
+    Ok(out)
+}
+
+fn mean_std(v: &[f64]) -> (f64, f64) {
+    let n = v.len().max(1) as f64;
+    let m = v.iter().sum::<f64>() / n;
+    (
+        m,
+        (v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / n).sqrt(),
+    )
+}
+
+/// Candidate level sets: every non-empty subset for up to 4 levels, else every contiguous run.
+fn level_candidates(n: usize) -> Vec<Vec<usize>> {
+    if n <= 4 {
+        (1u32..(1 << n))
+            .map(|m| (0..n).filter(|&l| m & (1 << l) != 0).collect())
+            .collect()
+    } else {
+        let mut v = Vec::new();
+        for a in 0..n {
+            for b in a..n {
+                v.push((a..=b).collect());
+            }
+        }
+        v
+    }
+}
+
+/// `--levels auto`: every candidate level set is scored on the held-out normal images of the pool
+/// and on defects — the known-bad parts when given, else synthetic defects drawn on up to 24
+/// held-out normal images ([`crate::synthetic`], two each) — and the set whose scores separate the
+/// two best wins (AUROC, then the separation in units of spread). Returns the 0-based levels, the
+/// choice in words and every candidate, best first.
+pub fn choose_levels(
+    pipeline: &mut Pipeline,
+    pool: &FeatureSet,
+    ref_idx: &[usize],
+    defects: Option<&FeatureSet>,
+    seed: u64,
+    dtype: BankDtype,
+    mut progress: impl FnMut(&str, usize, usize),
+) -> Result<(Vec<usize>, String, Vec<LevelCandidate>)> {
+    let ntaps = pipeline.description().desc.taps.len();
+    let ref_frames: Vec<&FrameFeatures> = ref_idx.iter().map(|&i| &pool.frames[i]).collect();
+    let synthetic;
+    let bad: &FeatureSet = match defects {
+        Some(d) => d,
+        None => {
+            let held: Vec<usize> = (0..pool.paths.len())
+                .filter(|i| !ref_idx.contains(i))
+                .take(24)
+                .collect();
+            let input = pipeline.description().desc.input.clone();
+            let mut frames = Vec::with_capacity(held.len() * 2);
+            let mut names = Vec::new();
+            for (n, &i) in held.iter().enumerate() {
+                progress("synthetic defects", n, held.len());
+                let p = &pool.paths[i];
+                let img = Rgb8::open(p)?;
+                let region = input.roi.unwrap_or([0, 0, img.width, img.height]);
+                for kind in 0..2 {
+                    let (bad, _) = draw_defect(&img, region, seed, 2 * n + kind);
+                    frames.push(pipeline.frame_features(&bad, p)?);
+                    names.push(p.clone());
+                }
+            }
+            progress("synthetic defects", held.len(), held.len());
+            synthetic = FeatureSet {
+                paths: names,
+                frames,
+            };
+            &synthetic
+        }
+    };
+    let all: Vec<usize> = (0..ntaps).collect();
+    let full = pipeline.bank_from_frames(&ref_frames, dtype, &all)?;
+    let sets = level_candidates(ntaps);
+    let bad_frames: Vec<&FrameFeatures> = bad.frames.iter().collect();
+    let held_frames: Vec<&FrameFeatures> = pool
+        .frames
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !ref_idx.contains(i))
+        .map(|(_, f)| f)
+        .collect();
+    let mut candidates = Vec::with_capacity(sets.len());
+    for (n, set) in sets.iter().enumerate() {
+        progress("choosing levels", n, sets.len());
+        let bank = full.select(set)?;
+        let score = |v: Vec<Inspection>| v.iter().map(|s| s.score as f64).collect::<Vec<_>>();
+        let normal = score(score_all(pipeline, &held_frames, &bank)?);
+        let defect = score(score_all(pipeline, &bad_frames, &bank)?);
+        let (mn, sn) = mean_std(&normal);
+        let (md, sd) = mean_std(&defect);
+        candidates.push(LevelCandidate {
+            levels: set.iter().map(|l| l + 1).collect(),
+            auroc: metrics::auroc(&normal, &defect).unwrap_or(0.5),
+            separation: (md - mn) / (sn + sd).max(1e-12),
+        });
+    }
+    progress("choosing levels", sets.len(), sets.len());
+    candidates.sort_by(|a, b| {
+        b.auroc
+            .total_cmp(&a.auroc)
+            .then(b.separation.total_cmp(&a.separation))
+    });
+    let best = &candidates[0];
+    let why = format!(
+        "auto: best of {} level sets at separating held-out normal images from {} ({} images): AUROC {:.3}, separation {:.2}",
+        candidates.len(),
+        if defects.is_some() {
+            "the known defects"
+        } else {
+            "synthetic defects"
+        },
+        bad.frames.len(),
+        best.auroc,
+        best.separation
+    );
+    Ok((best.levels.iter().map(|l| l - 1).collect(), why, candidates))
+}
+
 /// Choose references, build the bank, score the other normal images, set the threshold.
+/// `progress(stage, done, total)` reports long stages.
 pub fn calibrate(
     pipeline: &mut Pipeline,
     opts: &CalibrateOptions,
     mut progress: impl FnMut(&str, usize, usize),
 ) -> Result<(BankFile, CalibrationReport)> {
-    let pool = list_images(&opts.images)?;
-    if pool.is_empty() {
+    let listed = list_images(&opts.images)?;
+    if listed.is_empty() {
         return Err(Error::Invalid(format!(
             "{}: no image files (png, jpg, bmp, tif)",
             opts.images.display()
         )));
     }
-    let (refs, selection): (Vec<PathBuf>, &str) = match &opts.refs_list {
-        Some(list) => (read_refs_list(list)?, "list"),
-        None => (pool.iter().take(opts.refs).cloned().collect(), "first"),
+    // Explicit references join the pool when they live elsewhere.
+    let explicit = match &opts.refs_list {
+        Some(list) => Some(read_refs_list(list)?),
+        None => None,
     };
-    if refs.is_empty() {
-        return Err(Error::Invalid(
-            "no reference images (--refs 0 or an empty --refs-list)".into(),
-        ));
-    }
-    let mut seen = HashSet::new();
-    for r in &refs {
-        let key = std::fs::canonicalize(r).map_err(|e| Error::io(r, e))?;
-        if !seen.insert(key) {
-            return Err(Error::Invalid(format!(
-                "duplicate reference image {}",
-                r.display()
-            )));
-        }
-    }
-    let canon_refs = seen;
-    let held_out: Vec<PathBuf> = pool
+    let mut paths = listed.clone();
+    let mut canon: Vec<PathBuf> = paths
         .iter()
-        .filter(|p| {
-            std::fs::canonicalize(p)
-                .map(|c| !canon_refs.contains(&c))
-                .unwrap_or(true)
-        })
-        .cloned()
-        .collect();
-    if held_out.is_empty() || (opts.refs_list.is_none() && pool.len() < opts.refs + 1) {
+        .map(|p| std::fs::canonicalize(p).map_err(|e| Error::io(p, e)))
+        .collect::<Result<_>>()?;
+    let mut ref_idx = Vec::new();
+    if let Some(list) = &explicit {
+        let mut seen = HashSet::new();
+        for r in list {
+            let key = std::fs::canonicalize(r).map_err(|e| Error::io(r, e))?;
+            if !seen.insert(key.clone()) {
+                return Err(Error::Invalid(format!(
+                    "duplicate reference image {}",
+                    r.display()
+                )));
+            }
+            match canon.iter().position(|c| *c == key) {
+                Some(i) => ref_idx.push(i),
+                None => {
+                    paths.push(r.clone());
+                    canon.push(key);
+                    ref_idx.push(paths.len() - 1);
+                }
+            }
+        }
+        if ref_idx.is_empty() {
+            return Err(Error::Invalid(
+                "no reference images (an empty --refs-list)".into(),
+            ));
+        }
+    } else if opts.refs == 0 {
+        return Err(Error::Invalid("--refs 0: a bank needs references".into()));
+    }
+    let k = if explicit.is_some() {
+        ref_idx.len()
+    } else {
+        opts.refs
+    };
+    if paths.len() < k + 1 {
         return Err(Error::Invalid(format!(
             "{}: {} normal images; calibration needs {} references plus at least one more normal image to set the threshold",
             opts.images.display(),
-            pool.len(),
-            refs.len().max(opts.refs)
+            listed.len(),
+            k
         )));
     }
+    let pool = FeatureSet::extract(pipeline, paths, |i, n| progress("features", i, n))?;
+    let selection = if explicit.is_some() {
+        "list".to_string()
+    } else {
+        let channels = pipeline.description().desc.features.channels;
+        ref_idx = pool.select(k, opts.select, opts.seed, channels);
+        match opts.select {
+            Selection::First => format!("first {k} of {}", pool.paths.len()),
+            s => format!("{s} (seed {}) {k} of {}", opts.seed, pool.paths.len()),
+        }
+    };
+    let windows: usize = ref_idx.iter().map(|&i| pool.frames[i].tiles.len()).sum();
+    let ntaps = pipeline.description().desc.taps.len();
+    let defects = match &opts.defects {
+        None => None,
+        Some(dir) => {
+            let list = list_images(dir)?;
+            if list.is_empty() {
+                return Err(Error::Invalid(format!(
+                    "--defects {}: no image files (png, jpg, bmp, tif)",
+                    dir.display()
+                )));
+            }
+            Some(FeatureSet::extract(pipeline, list, |i, n| {
+                progress("defect features", i, n)
+            })?)
+        }
+    };
 
-    let mut feats: Vec<Features> = Vec::with_capacity(refs.len());
-    for (i, r) in refs.iter().enumerate() {
-        progress("references", i, refs.len());
-        feats.push(pipeline.features(&Rgb8::open(r)?, r)?);
+    let ref_frames: Vec<&FrameFeatures> = ref_idx.iter().map(|&i| &pool.frames[i]).collect();
+    let mut candidates = Vec::new();
+    let (taps, level_choice) = match &opts.levels {
+        LevelChoice::Model => {
+            let d = &pipeline.description().desc;
+            let t = d.default_levels();
+            let why = if d.score.levels.is_some() {
+                "model description (score.levels)"
+            } else {
+                "all (model description)"
+            };
+            (t, why.to_string())
+        }
+        LevelChoice::All => ((0..ntaps).collect(), "all".to_string()),
+        LevelChoice::Given(l) => {
+            check_levels(l, ntaps).map_err(|e| Error::Invalid(format!("--levels: {e}")))?;
+            (l.iter().map(|l| l - 1).collect(), "given".to_string())
+        }
+        LevelChoice::Auto => {
+            let (t, why, c) = choose_levels(
+                pipeline,
+                &pool,
+                &ref_idx,
+                defects.as_ref(),
+                opts.seed,
+                opts.bank_dtype,
+                &mut progress,
+            )?;
+            candidates = c;
+            (t, why)
+        }
+    };
+
+    let bank = pipeline.bank_from_frames(&ref_frames, opts.bank_dtype, &taps)?;
+    progress("scoring normal images", 0, 1);
+    let scored = normal_scores(pipeline, &pool, &ref_idx, &bank, opts.bank_dtype)?;
+    progress("scoring normal images", 1, 1);
+    let normal: Vec<f64> = scored.iter().map(|s| s.1.score as f64).collect();
+    let defect_scores: Vec<ScoredImage> = match &defects {
+        None => Vec::new(),
+        Some(d) => {
+            let frames: Vec<&FrameFeatures> = d.frames.iter().collect();
+            score_all(pipeline, &frames, &bank)?
+                .iter()
+                .zip(&d.paths)
+                .map(|(s, p)| ScoredImage {
+                    path: p.clone(),
+                    score: s.score as f64,
+                    left_out: false,
+                })
+                .collect()
+        }
+    };
+    let threshold = if defect_scores.is_empty() {
+        Threshold::from_scores(&normal, opts.rule)
+    } else {
+        let d: Vec<f64> = defect_scores.iter().map(|s| s.score).collect();
+        Threshold::between(&normal, &d, opts.rule)
     }
-    let bank = pipeline.build_bank(&feats, opts.bank_dtype)?;
-    let mut normal_scores = Vec::with_capacity(held_out.len());
-    for (i, p) in held_out.iter().enumerate() {
-        progress("scoring normal images", i, held_out.len());
-        let insp = pipeline.inspect(&Rgb8::open(p)?, p, &bank)?;
-        normal_scores.push((p.clone(), insp.score as f64));
-    }
-    progress("scoring normal images", held_out.len(), held_out.len());
-    let scores: Vec<f64> = normal_scores.iter().map(|s| s.1).collect();
-    let threshold = Threshold::from_scores(&scores, opts.rule).map_err(Error::Invalid)?;
+    .map_err(Error::Invalid)?;
+
+    let mut order: Vec<usize> = (0..scored.len()).collect();
+    order.sort_by(|&a, &b| scored[b].1.score.total_cmp(&scored[a].1.score));
+    let normal_scores: Vec<ScoredImage> = scored
+        .iter()
+        .map(|(i, s, loo)| ScoredImage {
+            path: pool.paths[*i].clone(),
+            score: s.score as f64,
+            left_out: *loo,
+        })
+        .collect();
+    let top_normal: Vec<(PathBuf, Inspection)> = order
+        .iter()
+        .take(3)
+        .map(|&o| (pool.paths[scored[o].0].clone(), scored[o].1.clone()))
+        .collect();
+
     let d = &pipeline.description().desc;
+    let refs: Vec<PathBuf> = ref_idx.iter().map(|&i| pool.paths[i].clone()).collect();
     let header = BankHeader {
         identity: pipeline.identity(),
         model_name: d.name.clone(),
         fit: d.input.fit.to_string(),
+        windows,
         references: refs.iter().map(|p| display_name(p, &opts.images)).collect(),
-        selection: selection.into(),
+        selection,
+        level_choice: level_choice.clone(),
         levels: bank
             .levels
             .iter()
-            .map(|l| LevelInfo {
+            .zip(bank.taps())
+            .map(|(l, &t)| LevelInfo {
+                level: t + 1,
                 rows: l.rows(),
                 channels: l.channels(),
                 dtype: l.dtype().name().into(),
@@ -179,7 +613,13 @@ pub fn calibrate(
         CalibrationReport {
             references: refs,
             normal_scores,
+            defect_scores,
             threshold,
+            levels: taps.iter().map(|t| t + 1).collect(),
+            level_choice,
+            candidates,
+            top_normal,
+            windows,
         },
     ))
 }

@@ -4,11 +4,12 @@
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use edge_ad::bench::{self, BenchOptions};
+use edge_ad::eval::{self, EvalOptions, EvalRow};
 use edge_ad::heatmap::{self, Scale};
 use edge_ad::images::list_images;
-use edge_ad::inspector::{calibrate, CalibrateOptions, Inspector};
+use edge_ad::inspector::{calibrate, CalibrateOptions, Inspector, LevelChoice};
 use edge_ad::{Device, Fit, Pipeline, PipelineOptions, Rgb8};
-use edge_ad_calibration::ThresholdRule;
+use edge_ad_calibration::{Selection, ThresholdRule};
 use edge_ad_kernels::BankDtype;
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -41,7 +42,8 @@ struct ModelArgs {
     /// Threads shared by the backbone and the kernels (0 = all cores).
     #[arg(long, default_value_t = 0)]
     threads: usize,
-    /// How frames are fitted to the network input: crop | stretch | pad (overrides the description).
+    /// How frames are fitted to the network input: crop | stretch | pad | tile (overrides the
+    /// description).
     #[arg(long)]
     fit: Option<Fit>,
     /// Where residual search and scoring run: cpu | cuda | auto (CUDA when usable, else CPU).
@@ -85,10 +87,14 @@ enum Command {
     },
     /// Build a reference bank from good parts and set the decision threshold.
     ///
-    /// Takes the first --refs images of --images (sorted; or exactly those of --refs-list) as
-    /// references, scores every other image of --images against them, and sets the threshold from
-    /// those normal scores: max × --margin (default 1.05), or mean + --sigma × std. The bank is
-    /// written atomically: an interrupted run never leaves a half-written bank.
+    /// Computes the features of every image of --images (the pool), chooses --refs references
+    /// from it (--select: k-means over a global descriptor by default, or first, random; or exactly
+    /// those of --refs-list), scores every other pool image against the bank and every reference
+    /// against the bank of the others (leave-one-out), and sets the threshold from those normal
+    /// scores (--rule; default max × 1.05). With --defects (a few known-bad parts) the threshold
+    /// is placed between the classes and the separation reported. --levels chooses the scored
+    /// levels (auto: from data). The bank is written atomically; a report (histogram, contact
+    /// sheet, heatmaps, summary) goes next to it.
     Calibrate {
         #[command(flatten)]
         model: ModelArgs,
@@ -98,6 +104,24 @@ enum Command {
         /// File listing the exact reference images, one path per line (relative to the file).
         #[arg(long)]
         refs_list: Option<PathBuf>,
+        /// Reference selection from the pool: kmeans | first | random.
+        #[arg(long, default_value = "kmeans")]
+        select: Selection,
+        /// Seed of random / k-means selection and of synthetic defects.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Levels scored: model (the description's score.levels) | all | auto | a list like 2,3.
+        #[arg(long, default_value = "model")]
+        levels: LevelChoice,
+        /// Folder of known-bad parts: the threshold goes between the classes.
+        #[arg(long)]
+        defects: Option<PathBuf>,
+        /// Threshold rule: max*MARGIN | mean+Ksigma | quantile:BUDGET (e.g. quantile:0.01).
+        #[arg(long, conflicts_with_all = ["margin", "sigma"])]
+        rule: Option<ThresholdRule>,
+        /// Folder for the calibration report (default: the bank's path with `.report`).
+        #[arg(long)]
+        report: Option<PathBuf>,
         /// Folder of normal (good) images, walked recursively.
         #[arg(long)]
         images: PathBuf,
@@ -136,6 +160,56 @@ enum Command {
         /// Images or folders.
         #[arg(required = true)]
         inputs: Vec<PathBuf>,
+    },
+    /// Image AUROC, pixel AUROC, AUPRO (FPR ≤ 0.3) and F1-max on an MVTec-layout data set.
+    ///
+    /// --data holds train/good (the reference pool), test/<type> (good and defect types) and
+    /// ground_truth/<type>/<stem>_mask.png. Every combination of --fit, --select and --levels
+    /// (each a comma-separated list; --levels sets separated by `;`) is evaluated, features
+    /// computed once per framing. Prints a table (or --json, one object per combination).
+    Eval {
+        /// Model description (TOML).
+        #[arg(long)]
+        model: PathBuf,
+        /// ONNX file, overriding the description's.
+        #[arg(long)]
+        onnx: Option<PathBuf>,
+        /// ADPretrain projector weights (safetensors).
+        #[arg(long)]
+        projector: Option<PathBuf>,
+        /// Threads (0 = all cores).
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+        /// Where residual search and scoring run: cpu | cuda | auto.
+        #[arg(long, default_value = "auto")]
+        device: Device,
+        /// References per bank.
+        #[arg(long, default_value_t = 8)]
+        refs: usize,
+        /// Data set root.
+        #[arg(long)]
+        data: PathBuf,
+        /// Framings, comma-separated (default: the description's).
+        #[arg(long, value_delimiter = ',')]
+        fit: Vec<Fit>,
+        /// Reference selections, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "kmeans")]
+        select: Vec<Selection>,
+        /// Level sets separated by `;`: model | all | auto | a list like 2,3.
+        #[arg(long, value_delimiter = ';', default_value = "model")]
+        levels: Vec<LevelChoice>,
+        /// Seed of random / k-means selection.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Bank precision: f16 (default) or f32.
+        #[arg(long, default_value = "f16", value_parser = parse_dtype)]
+        bank_dtype: BankDtype,
+        /// One JSON object per combination instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Also print per-defect-type rows.
+        #[arg(long)]
+        per_type: bool,
     },
     /// Time the pipeline per stage on real images and compare the kernels with this machine's SGEMM.
     ///
@@ -304,16 +378,23 @@ fn run(cli: Cli) -> Result<()> {
             model,
             refs,
             refs_list,
+            select,
+            seed,
+            levels,
+            defects,
+            rule,
+            report: report_dir,
             images,
             out,
             bank_dtype,
             margin,
             sigma,
         } => {
-            let rule = match (margin, sigma) {
-                (_, Some(k)) => ThresholdRule::MeanPlusKSigma { k },
-                (Some(m), None) => ThresholdRule::MaxTimesMargin { margin: m },
-                (None, None) => ThresholdRule::default(),
+            let rule = match (rule, margin, sigma) {
+                (Some(r), _, _) => r,
+                (None, _, Some(k)) => ThresholdRule::MeanPlusKSigma { k },
+                (None, Some(m), None) => ThresholdRule::MaxTimesMargin { margin: m },
+                (None, None, None) => ThresholdRule::default(),
             };
             // Fail before the long work if the bank cannot be written there.
             let dir = out
@@ -328,22 +409,26 @@ fn run(cli: Cli) -> Result<()> {
                 images,
                 refs,
                 refs_list,
+                select,
+                seed,
+                levels,
+                defects,
                 bank_dtype,
                 rule,
             };
             let (file, report) = calibrate(&mut pipeline, &opts, progress_line())?;
             file.save(&out)?;
-            let t = &report.threshold;
-            println!("references ({}):", report.references.len());
-            for r in &report.references {
-                println!("  {}", r.display());
-            }
-            println!(
-                "normal scores ({} held-out images): min {:.4}  mean {:.4}  max {:.4}  std {:.4}",
-                t.normal_count, t.normal_min, t.normal_mean, t.normal_max, t.normal_std
-            );
-            println!("threshold {:.4} ({:?})", t.value, t.rule);
+            let summary = edge_ad::report::summary(&file.header, &report);
+            print!("{summary}");
+            let rdir = report_dir.unwrap_or_else(|| {
+                let mut p = out.clone().into_os_string();
+                p.push(".report");
+                PathBuf::from(p)
+            });
+            edge_ad::report::write(&rdir, &file.header, &report, &summary)
+                .context("cannot write the calibration report")?;
             println!("bank written: {} ({})", out.display(), bank_dtype.name());
+            println!("report: {}", rdir.display());
         }
         Command::Inspect {
             model,
@@ -397,8 +482,9 @@ fn run(cli: Cli) -> Result<()> {
                         } else {
                             writeln!(
                                 out,
-                                "{}  score {:.4}  {}  {:.1} ms (pre {:.1}, backbone {:.1}, residual {:.1}, projector {:.1}, score {:.1})",
+                                "{}  score {:.4}  {}  {:.1} ms (pre {:.1}, backbone {:.1} for {} pass{}, residual {:.1}, projector {:.1}, score {:.1})",
                                 path.display(), insp.score, verdict, t.total_ms, t.preprocess_ms, t.backbone_ms,
+                                t.tiles, if t.tiles == 1 { "" } else { "es" },
                                 t.residual_ms, t.projector_ms, t.score_ms
                             )?;
                         }
@@ -440,6 +526,83 @@ fn run(cli: Cli) -> Result<()> {
                 );
             }
         }
+        Command::Eval {
+            model,
+            onnx,
+            projector,
+            threads,
+            device,
+            refs,
+            data,
+            fit,
+            select,
+            levels,
+            seed,
+            bank_dtype,
+            json,
+            per_type,
+        } => {
+            let base = PipelineOptions {
+                model,
+                onnx,
+                projector,
+                threads,
+                fit: None,
+                device,
+            };
+            let fits = if fit.is_empty() {
+                vec![edge_ad::ModelDescription::load(&base.model)?.desc.input.fit]
+            } else {
+                fit
+            };
+            let eo = EvalOptions {
+                data,
+                refs,
+                fits,
+                selections: select,
+                levels,
+                seed,
+                bank_dtype,
+            };
+            if !json {
+                println!(
+                    "{:<8} {:<7} {:<10} {:>5} {:>7} {:>7} {:>7} {:>7}",
+                    "fit", "select", "levels", "tiles", "I-AUROC", "P-AUROC", "AUPRO", "I-F1max"
+                );
+            }
+            let print_row = |r: &EvalRow| {
+                if json {
+                    println!("{}", serde_json::to_string(r).unwrap_or_default());
+                    return;
+                }
+                let lv = r
+                    .levels
+                    .iter()
+                    .map(|l| l.to_string())
+                    .collect::<Vec<_>>()
+                    .join(",");
+                let line = |name: &str, m: &eval::Metrics| {
+                    println!(
+                        "{:<8} {:<7} {:<10} {:>5.2} {:>7.3} {:>7.3} {:>7.3} {:>7.3}",
+                        name,
+                        r.selection,
+                        lv,
+                        r.tiles_per_frame,
+                        m.image_auroc,
+                        m.pixel_auroc,
+                        m.aupro,
+                        m.image_f1_max
+                    )
+                };
+                line(&r.fit, &r.overall);
+                if per_type {
+                    for (k, m) in &r.per_type {
+                        line(&format!("  {k}"), m);
+                    }
+                }
+            };
+            eval::evaluate(&base, &eo, progress_line(), print_row)?;
+        }
         Command::Bench {
             model,
             refs,
@@ -470,11 +633,12 @@ fn run(cli: Cli) -> Result<()> {
                 println!("{}", serde_json::to_string(&r)?);
             } else {
                 println!(
-                    "edge-ad bench: {} threads, {} frames, bank {} refs × {} rows/level ({})",
+                    "edge-ad bench: {} threads, {} frames ({} backbone passes each), bank {} refs, {} rows/level ({})",
                     r.threads,
                     r.frames,
+                    r.tiles,
                     r.refs,
-                    r.bank_rows / r.refs.max(1),
+                    r.bank_rows,
                     bank_dtype.name()
                 );
                 println!("  {:<12} {:>9}", "stage", "median ms");

@@ -6,7 +6,7 @@
 //! [input]
 //! size = [224, 224]                   # network input, height × width
 //! resize = 224                        # shorter side before the crop (fit = "crop")
-//! fit = "crop"                        # crop | stretch | pad
+//! fit = "crop"                        # crop | stretch | pad | tile
 //! mean = [0.485, 0.456, 0.406]
 //! std = [0.229, 0.224, 0.225]
 //! # roi = [x, y, width, height]      # optional region of interest in frame pixels
@@ -36,11 +36,16 @@ pub enum Fit {
     Stretch,
     /// Longer side to the input size, centred, the rest filled with the mean colour.
     Pad,
+    /// Shorter side to the input size at native aspect, the longer side covered by the fewest
+    /// overlapping input-sized tiles; each tile runs through the backbone and the tile maps are
+    /// stitched (max where they overlap). Sees the whole part at full detail; costs one backbone
+    /// pass per tile.
+    Tile,
 }
 
 impl Fit {
     /// Every mode, for parsing and messages.
-    pub const ALL: [Fit; 3] = [Fit::Crop, Fit::Stretch, Fit::Pad];
+    pub const ALL: [Fit; 4] = [Fit::Crop, Fit::Stretch, Fit::Pad, Fit::Tile];
 
     /// The name used in model descriptions, banks and on the command line.
     pub fn name(self) -> &'static str {
@@ -48,6 +53,7 @@ impl Fit {
             Fit::Crop => "crop",
             Fit::Stretch => "stretch",
             Fit::Pad => "pad",
+            Fit::Tile => "tile",
         }
     }
 }
@@ -64,7 +70,7 @@ impl std::str::FromStr for Fit {
         Fit::ALL
             .into_iter()
             .find(|f| f.name() == s)
-            .ok_or_else(|| format!("unknown fit `{s}`: expected crop, stretch or pad"))
+            .ok_or_else(|| format!("unknown fit `{s}`: expected crop, stretch, pad or tile"))
     }
 }
 
@@ -143,6 +149,9 @@ pub struct Score {
     /// `code` (`sqrt(‖e‖+1)−1`, the authors' code) or `paper` (`sqrt(‖e‖²+1)−1`).
     #[serde(default = "default_norm")]
     pub norm: String,
+    /// Levels (1-based tap numbers) `calibrate` scores unless told otherwise; all when absent.
+    #[serde(default)]
+    pub levels: Option<Vec<usize>>,
 }
 
 fn default_sigma() -> f64 {
@@ -156,6 +165,7 @@ impl Default for Score {
         Self {
             sigma: default_sigma(),
             norm: default_norm(),
+            levels: None,
         }
     }
 }
@@ -290,6 +300,9 @@ impl ModelDescription {
             ));
         }
         self.norm_form()?;
+        if let Some(levels) = &self.score.levels {
+            check_levels(levels, self.taps.len()).map_err(|e| format!("score.levels: {e}"))?;
+        }
         Ok(())
     }
 
@@ -304,10 +317,35 @@ impl ModelDescription {
         }
     }
 
+    /// The levels (0-based tap indices) calibration scores by default: `score.levels`, or all.
+    pub fn default_levels(&self) -> Vec<usize> {
+        match &self.score.levels {
+            Some(l) => l.iter().map(|l| l - 1).collect(),
+            None => (0..self.taps.len()).collect(),
+        }
+    }
+
     /// Positions per level (`h·w`).
     pub fn positions(&self) -> usize {
         self.features.grid[0] * self.features.grid[1]
     }
+}
+
+/// Check 1-based level numbers against a model of `taps` levels: non-empty, each in `1..=taps`,
+/// strictly increasing.
+pub fn check_levels(levels: &[usize], taps: usize) -> Result<(), String> {
+    if levels.is_empty() {
+        return Err("no level given".into());
+    }
+    if let Some(l) = levels.iter().find(|&&l| l == 0 || l > taps) {
+        return Err(format!(
+            "level {l} does not exist: the model has levels 1 to {taps}"
+        ));
+    }
+    if levels.windows(2).any(|w| w[0] >= w[1]) {
+        return Err(format!("{levels:?} must be strictly increasing"));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

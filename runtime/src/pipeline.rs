@@ -8,7 +8,7 @@
 use crate::backbone::{tract_executor, Backbone};
 use crate::error::{Error, Result};
 use crate::model::{Fit, LoadedDescription, ModelDescription};
-use crate::preprocess::{prepare, Placement, Rgb8};
+use crate::preprocess::{prepare, prepare_frame, Placement, PreparedFrame, Rgb8};
 use edge_ad_kernels::{
     nearest_residual, BankDtype, FeatureNorm, LevelBank, Par, Projector, ProjectorWorkspace,
     ResidualWorkspace, ScoreWorkspace,
@@ -75,14 +75,18 @@ pub struct Timings {
     pub score_ms: f64,
     /// All of the above.
     pub total_ms: f64,
+    /// Backbone passes (tiles) the frame took; the backbone and kernel times cover all of them.
+    pub tiles: usize,
 }
 
 /// The result of inspecting one frame.
 #[derive(Debug, Clone)]
 pub struct Inspection {
-    /// Image score: the maximum of the smoothed map (spec §5.2 step 4).
+    /// Image score: the maximum of the smoothed map (spec §5.2 step 4; for tiles the maximum
+    /// over all tiles).
     pub score: f32,
-    /// Anomaly map `H × W` over the network input window.
+    /// Anomaly map `H × W` over the network input window, or for tiles over the whole resized
+    /// frame (tile maps stitched, maximum where they overlap).
     pub map: Vec<f32>,
     /// Map size `(H, W)`.
     pub map_size: (usize, usize),
@@ -92,24 +96,72 @@ pub struct Inspection {
     pub timings: Timings,
 }
 
-/// Backbone features of one frame: per level, `positions × channels`.
+/// Backbone features of one network input: per level, `positions × channels`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Features {
     /// Level features in level order.
     pub levels: Vec<Vec<f32>>,
 }
 
+/// Backbone features of every window of one frame (one for crop/stretch/pad, the tiles for tile),
+/// with the geometry to stitch their maps: what banks are built from and what `eval` caches.
+#[derive(Debug, Clone)]
+pub struct FrameFeatures {
+    /// Features per window.
+    pub tiles: Vec<Features>,
+    /// Each window's top-left corner in the stitched map.
+    pub offsets: Vec<(usize, usize)>,
+    /// Where the stitched map lies in the frame.
+    pub placement: Placement,
+    /// Stitched map size `(height, width)`.
+    pub map_size: (usize, usize),
+}
+
+impl Inspection {
+    /// The map resampled onto the frame's pixel grid (`frame_w × frame_h`, nearest sample, the
+    /// mapping the heatmaps use); pixels outside the inspected window get the map's minimum.
+    pub fn frame_map(&self, frame_w: usize, frame_h: usize) -> Vec<f32> {
+        let (mh, mw) = self.map_size;
+        let pl = self.placement;
+        let (rw, rh) = pl.resized;
+        let (gw, gh) = (pl.frame.0 as i64, pl.frame.1 as i64);
+        let floor = self.map.iter().copied().fold(f32::INFINITY, f32::min);
+        let mut out = vec![floor; frame_w * frame_h];
+        for y in 0..frame_h {
+            let ry = y as i64 - pl.origin.1 as i64;
+            let yr = ((ry as f64 + 0.5) * rh as f64 / gh as f64).floor() as i64 - pl.offset.1;
+            if !(0..gh).contains(&ry) || !(0..mh as i64).contains(&yr) {
+                continue;
+            }
+            for x in 0..frame_w {
+                let rx = x as i64 - pl.origin.0 as i64;
+                let xr = ((rx as f64 + 0.5) * rw as f64 / gw as f64).floor() as i64 - pl.offset.0;
+                if (0..gw).contains(&rx) && (0..mw as i64).contains(&xr) {
+                    out[y * frame_w + x] = self.map[yr as usize * mw + xr as usize];
+                }
+            }
+        }
+        out
+    }
+}
+
 /// Reference features of K normal images, one [`LevelBank`] per level (spec §3.1 layout:
 /// image-major, then positions row-major). A GPU copy is made on the first GPU inspection and kept.
 pub struct Bank {
-    /// Banks in level order.
+    /// Banks of the scored levels, in level order.
     pub levels: Vec<LevelBank>,
+    /// The tap (0-based level index of the model) each bank level belongs to, increasing.
+    taps: Vec<usize>,
     gpu: std::sync::OnceLock<Vec<edge_ad_kernels::cuda::GpuBank>>,
 }
 
 impl Clone for Bank {
     fn clone(&self) -> Self {
-        Self::new(self.levels.clone())
+        Self {
+            levels: self.levels.clone(),
+            taps: self.taps.clone(),
+            gpu: std::sync::OnceLock::new(),
+        }
     }
 }
 
@@ -117,28 +169,87 @@ impl std::fmt::Debug for Bank {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Bank")
             .field("levels", &self.levels)
+            .field("taps", &self.taps)
             .field("on_gpu", &self.gpu.get().is_some())
             .finish()
     }
 }
 
 impl Bank {
-    /// A bank of these levels.
+    /// A bank scoring every level of the model, in order.
     pub fn new(levels: Vec<LevelBank>) -> Self {
+        let taps = (0..levels.len()).collect();
         Self {
             levels,
+            taps,
             gpu: std::sync::OnceLock::new(),
         }
+    }
+
+    /// A bank scoring only the model levels `taps` (0-based, strictly increasing, one per bank
+    /// level).
+    pub fn with_taps(levels: Vec<LevelBank>, taps: Vec<usize>) -> Result<Self> {
+        if taps.len() != levels.len() || taps.windows(2).any(|w| w[0] >= w[1]) {
+            return Err(Error::Invalid(format!(
+                "bank levels {taps:?} must be strictly increasing, one per bank level ({})",
+                levels.len()
+            )));
+        }
+        Ok(Self {
+            levels,
+            taps,
+            gpu: std::sync::OnceLock::new(),
+        })
+    }
+
+    /// The model levels (0-based) this bank scores.
+    pub fn taps(&self) -> &[usize] {
+        &self.taps
+    }
+
+    /// The same bank restricted to the model levels `taps` (a subset of [`Bank::taps`]).
+    pub fn select(&self, taps: &[usize]) -> Result<Self> {
+        let mut levels = Vec::with_capacity(taps.len());
+        for t in taps {
+            let i = self.taps.iter().position(|x| x == t).ok_or_else(|| {
+                Error::Invalid(format!(
+                    "level {} is not in this bank (levels {:?})",
+                    t + 1,
+                    self.taps.iter().map(|t| t + 1).collect::<Vec<_>>()
+                ))
+            })?;
+            levels.push(self.levels[i].clone());
+        }
+        Self::with_taps(levels, taps.to_vec())
     }
 
     /// Concatenate the features of the reference images (each `levels × positions × channels`),
     /// rounded to `dtype`.
     pub fn from_features(refs: &[Features], channels: usize, dtype: BankDtype) -> Result<Self> {
+        let all: Vec<&Features> = refs.iter().collect();
+        let n = refs.first().map_or(0, |f| f.levels.len());
+        Self::from_windows(&all, channels, dtype, &(0..n).collect::<Vec<_>>())
+    }
+
+    /// A bank of the model levels `taps` from the windows (images or tiles) of the references.
+    pub fn from_windows(
+        refs: &[&Features],
+        channels: usize,
+        dtype: BankDtype,
+        taps: &[usize],
+    ) -> Result<Self> {
         let first = refs
             .first()
             .ok_or_else(|| Error::Invalid("a bank needs at least one reference image".into()))?;
-        let mut levels = Vec::with_capacity(first.levels.len());
-        for l in 0..first.levels.len() {
+        if let Some(t) = taps.iter().find(|&&t| t >= first.levels.len()) {
+            return Err(Error::Invalid(format!(
+                "level {} asked for; the model has {} levels",
+                t + 1,
+                first.levels.len()
+            )));
+        }
+        let mut levels = Vec::with_capacity(taps.len());
+        for &l in taps {
             let rows = first.levels[l].len();
             let mut all = Vec::with_capacity(rows * refs.len());
             for (k, f) in refs.iter().enumerate() {
@@ -156,7 +267,7 @@ impl Bank {
                 dtype,
             )?);
         }
-        Ok(Self::new(levels))
+        Self::with_taps(levels, taps.to_vec())
     }
 }
 
@@ -373,7 +484,9 @@ impl Pipeline {
         })
     }
 
-    /// Backbone features of one image (for building banks).
+    /// Backbone features of one image with a single-window fit (crop, stretch, pad): what the
+    /// conformance tests and [`Pipeline::build_bank`] use. Use [`Pipeline::frame_features`] for
+    /// every fit.
     pub fn features(&mut self, img: &Rgb8, path: &Path) -> Result<Features> {
         let prepared = self.prepare(img, path)?;
         self.run_backbone(&prepared.chw)?;
@@ -382,22 +495,62 @@ impl Pipeline {
         })
     }
 
-    /// A bank from reference features (spec §3.1).
+    /// Prepare every window of a frame (one, or the tiles), on the shared pool.
+    pub fn prepare_frame(&self, img: &Rgb8, path: &Path) -> Result<PreparedFrame> {
+        let input = &self.desc.desc.input;
+        self.pool
+            .install(|| prepare_frame(img, input))
+            .map_err(|message| Error::Image {
+                path: path.into(),
+                message,
+            })
+    }
+
+    /// Backbone features of every window of one frame (any fit), with the stitching geometry.
+    pub fn frame_features(&mut self, img: &Rgb8, path: &Path) -> Result<FrameFeatures> {
+        let prepared = self.prepare_frame(img, path)?;
+        let mut tiles = Vec::with_capacity(prepared.tiles.len());
+        for t in &prepared.tiles {
+            self.run_backbone(&t.chw)?;
+            tiles.push(Features {
+                levels: self.state.taps.clone(),
+            });
+        }
+        Ok(FrameFeatures {
+            offsets: prepared.tiles.iter().map(|t| t.offset).collect(),
+            tiles,
+            placement: prepared.placement,
+            map_size: prepared.map_size,
+        })
+    }
+
+    /// A bank of all levels from reference features (spec §3.1).
     pub fn build_bank(&self, refs: &[Features], dtype: BankDtype) -> Result<Bank> {
         Bank::from_features(refs, self.desc.desc.features.channels, dtype)
     }
 
+    /// A bank of the model levels `taps` (0-based) from every window of the reference frames.
+    pub fn bank_from_frames(
+        &self,
+        refs: &[&FrameFeatures],
+        dtype: BankDtype,
+        taps: &[usize],
+    ) -> Result<Bank> {
+        let windows: Vec<&Features> = refs.iter().flat_map(|f| f.tiles.iter()).collect();
+        Bank::from_windows(&windows, self.desc.desc.features.channels, dtype, taps)
+    }
+
     fn check_bank(&self, bank: &Bank) -> Result<()> {
         let d = &self.desc.desc;
-        if bank.levels.len() != d.taps.len()
+        if bank.taps.last().is_some_and(|&t| t >= d.taps.len())
             || bank
                 .levels
                 .iter()
                 .any(|l| l.channels() != d.features.channels)
         {
             return Err(Error::Invalid(format!(
-                "bank has {} levels of {:?} channels; the model {} has {} levels of {} channels",
-                bank.levels.len(),
+                "bank has levels {:?} of {:?} channels; the model {} has {} levels of {} channels",
+                bank.taps.iter().map(|t| t + 1).collect::<Vec<_>>(),
                 bank.levels.iter().map(|l| l.channels()).collect::<Vec<_>>(),
                 self.desc.path.display(),
                 d.taps.len(),
@@ -407,23 +560,60 @@ impl Pipeline {
         Ok(())
     }
 
-    /// Inspect one frame against `bank`: the whole chain, timed per stage.
+    /// Inspect one frame against `bank`: the whole chain for every window, stitched and timed
+    /// per stage (times summed over the windows).
     pub fn inspect(&mut self, img: &Rgb8, path: &Path, bank: &Bank) -> Result<Inspection> {
         self.check_bank(bank)?;
         let t0 = Instant::now();
-        let prepared = self.prepare(img, path)?;
-        let t1 = Instant::now();
-        self.run_backbone(&prepared.chw)?;
-        let t2 = Instant::now();
-        let (mut timings, score, map) = self.score_taps(bank)?;
-        timings.preprocess_ms = ms(t1 - t0);
-        timings.backbone_ms = ms(t2 - t1);
-        timings.total_ms = ms(t2.elapsed()) + timings.preprocess_ms + timings.backbone_ms;
+        let prepared = self.prepare_frame(img, path)?;
+        let mut timings = Timings {
+            preprocess_ms: ms(t0.elapsed()),
+            ..Default::default()
+        };
+        let mut stitch = Stitch::new(prepared.map_size, prepared.tiles.len());
+        for tile in &prepared.tiles {
+            let t = Instant::now();
+            self.run_backbone(&tile.chw)?;
+            timings.backbone_ms += ms(t.elapsed());
+            let taps = std::mem::take(&mut self.state.taps);
+            let scored = self.score_windows(&taps, bank);
+            self.state.taps = taps;
+            let (tt, score, map) = scored?;
+            timings.add_kernels(&tt);
+            stitch.add(score, map, tile.offset, self.scorer.out_size());
+        }
+        timings.tiles = prepared.tiles.len();
+        timings.total_ms = ms(t0.elapsed());
+        let (score, map) = stitch.finish();
         Ok(Inspection {
             score,
             map,
-            map_size: self.scorer.out_size(),
+            map_size: prepared.map_size,
             placement: prepared.placement,
+            timings,
+        })
+    }
+
+    /// Score a frame whose backbone features are already known (calibration and `eval` compute
+    /// them once and score them against several banks).
+    pub fn score_frame(&mut self, frame: &FrameFeatures, bank: &Bank) -> Result<Inspection> {
+        self.check_bank(bank)?;
+        let t0 = Instant::now();
+        let mut timings = Timings::default();
+        let mut stitch = Stitch::new(frame.map_size, frame.tiles.len());
+        for (tile, &offset) in frame.tiles.iter().zip(&frame.offsets) {
+            let (tt, score, map) = self.score_windows(&tile.levels, bank)?;
+            timings.add_kernels(&tt);
+            stitch.add(score, map, offset, self.scorer.out_size());
+        }
+        timings.tiles = frame.tiles.len();
+        timings.total_ms = ms(t0.elapsed());
+        let (score, map) = stitch.finish();
+        Ok(Inspection {
+            score,
+            map,
+            map_size: frame.map_size,
+            placement: frame.placement,
             timings,
         })
     }
@@ -432,6 +622,25 @@ impl Pipeline {
     /// score. Exposed so that benchmarks and conformance tests can feed their own features.
     pub fn score_taps(&mut self, bank: &Bank) -> Result<(Timings, f32, Vec<f32>)> {
         self.check_bank(bank)?;
+        let taps = std::mem::take(&mut self.state.taps);
+        let r = self.score_windows(&taps, bank);
+        self.state.taps = taps;
+        r
+    }
+
+    /// Residuals, projector and FeatureNorm of one window's taps against the bank's levels.
+    fn score_windows(
+        &mut self,
+        taps: &[Vec<f32>],
+        bank: &Bank,
+    ) -> Result<(Timings, f32, Vec<f32>)> {
+        if taps.len() != self.desc.desc.taps.len() {
+            return Err(Error::Invalid(format!(
+                "{} levels of features for a model of {} levels",
+                taps.len(),
+                self.desc.desc.taps.len()
+            )));
+        }
         let mut timings = Timings::default();
         let st = &mut self.state;
         let (projector, scorer, gpu) = (&self.projector, &self.scorer, &self.gpu);
@@ -453,22 +662,24 @@ impl Pipeline {
             }
             None => None,
         };
+        let n = bank.levels.len();
+        st.argmax.resize(n, Vec::new());
+        st.residual.resize(n, Vec::new());
+        if projector.is_some() {
+            st.projected.resize(n, Vec::new());
+        }
         let score = self.pool.install(|| -> Result<f32> {
             let t = Instant::now();
-            for (l, lb) in bank.levels.iter().enumerate() {
+            for (l, (lb, &tap)) in bank.levels.iter().zip(&bank.taps).enumerate() {
+                let query = &taps[tap];
                 st.argmax[l].resize(p, 0);
-                st.residual[l].resize(st.taps[l].len(), 0.0);
+                st.residual[l].resize(query.len(), 0.0);
                 match (gpu, gpu_banks) {
                     (Some(g), Some(gb)) => g
-                        .nearest_residual(
-                            &st.taps[l],
-                            &gb[l],
-                            &mut st.argmax[l],
-                            &mut st.residual[l],
-                        )
+                        .nearest_residual(query, &gb[l], &mut st.argmax[l], &mut st.residual[l])
                         .map_err(gpu_err)?,
                     _ => nearest_residual(
-                        &st.taps[l],
+                        query,
                         lb,
                         &mut st.residual_ws,
                         &mut st.argmax[l],
@@ -480,9 +691,9 @@ impl Pipeline {
             timings.residual_ms = ms(t.elapsed());
             let t = Instant::now();
             if let Some((proj, _, _)) = projector {
-                for (l, lp) in proj.levels().iter().enumerate() {
+                for (l, &tap) in bank.taps.iter().enumerate() {
                     st.projected[l].resize(st.residual[l].len(), 0.0);
-                    lp.forward(
+                    proj.levels()[tap].forward(
                         &st.residual[l],
                         &mut st.projected[l],
                         &mut st.projector_ws,
@@ -493,9 +704,9 @@ impl Pipeline {
             timings.projector_ms = ms(t.elapsed());
             let t = Instant::now();
             let feats = if projector.is_some() {
-                &st.projected
+                &st.projected[..n]
             } else {
-                &st.residual
+                &st.residual[..n]
             };
             let views: Vec<&[f32]> = feats.iter().map(Vec::as_slice).collect();
             st.level_maps.resize(views.len() * p, 0.0);
@@ -519,6 +730,7 @@ impl Pipeline {
             Ok(s)
         })?;
         timings.total_ms = timings.residual_ms + timings.projector_ms + timings.score_ms;
+        timings.tiles = 1;
         Ok((timings, score, map))
     }
 
@@ -533,6 +745,61 @@ impl Pipeline {
         }
         self.state.taps.clone_from(&features.levels);
         Ok(())
+    }
+}
+
+impl Timings {
+    fn add_kernels(&mut self, t: &Timings) {
+        self.residual_ms += t.residual_ms;
+        self.projector_ms += t.projector_ms;
+        self.score_ms += t.score_ms;
+    }
+}
+
+/// Window maps stitched into one frame map: the maximum where windows overlap (issue: tiles).
+struct Stitch {
+    size: (usize, usize),
+    windows: usize,
+    score: f32,
+    map: Vec<f32>,
+}
+
+impl Stitch {
+    fn new(size: (usize, usize), windows: usize) -> Self {
+        Self {
+            size,
+            windows,
+            score: f32::NEG_INFINITY,
+            map: Vec::new(),
+        }
+    }
+
+    fn add(&mut self, score: f32, map: Vec<f32>, offset: (usize, usize), win: (usize, usize)) {
+        // A NaN score must survive stitching: a part in doubt is never passed.
+        self.score = if score.is_nan() || self.score.is_nan() {
+            f32::NAN
+        } else {
+            self.score.max(score)
+        };
+        if self.windows == 1 && win == self.size {
+            self.map = map;
+            return;
+        }
+        if self.map.is_empty() {
+            self.map = vec![f32::NEG_INFINITY; self.size.0 * self.size.1];
+        }
+        let (wh, ww) = win;
+        let (x0, y0) = offset;
+        for y in 0..wh {
+            let dst = &mut self.map[(y0 + y) * self.size.1 + x0..][..ww];
+            for (d, &v) in dst.iter_mut().zip(&map[y * ww..(y + 1) * ww]) {
+                *d = d.max(v);
+            }
+        }
+    }
+
+    fn finish(self) -> (f32, Vec<f32>) {
+        (self.score, self.map)
     }
 }
 
@@ -566,4 +833,38 @@ fn open_gpu(device: Device) -> Result<Option<edge_ad_kernels::cuda::Gpu>> {
 
 fn ms(d: std::time::Duration) -> f64 {
     d.as_secs_f64() * 1e3
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stitching_takes_the_maximum_where_windows_overlap_and_keeps_nan() {
+        // A 2×5 map from two 2×3 windows at x = 0 and x = 2 (column 2 overlaps).
+        let mut s = Stitch::new((2, 5), 2);
+        s.add(1.0, vec![1.0, 2.0, 3.0, 1.0, 2.0, 3.0], (0, 0), (2, 3));
+        s.add(9.0, vec![5.0, 0.5, 9.0, 0.0, 0.5, 0.5], (2, 0), (2, 3));
+        let (score, map) = s.finish();
+        assert_eq!(score, 9.0);
+        assert_eq!(map, vec![1.0, 2.0, 5.0, 0.5, 9.0, 1.0, 2.0, 3.0, 0.5, 0.5]);
+        let mut s = Stitch::new((2, 5), 2);
+        s.add(f32::NAN, vec![0.0; 6], (0, 0), (2, 3));
+        s.add(1.0, vec![0.0; 6], (2, 0), (2, 3));
+        assert!(
+            s.finish().0.is_nan(),
+            "a NaN tile must make the frame NaN (rejected)"
+        );
+    }
+
+    #[test]
+    fn bank_selection_keeps_levels_and_refuses_missing_ones() {
+        let lb = |v: f32| LevelBank::new(1, 2, &[v, 1.0], BankDtype::F32).unwrap();
+        let b = Bank::with_taps(vec![lb(1.0), lb(2.0), lb(3.0)], vec![0, 2, 3]).unwrap();
+        let s = b.select(&[2, 3]).unwrap();
+        assert_eq!(s.taps(), &[2, 3]);
+        assert_eq!(s.levels[0].raw(), b.levels[1].raw());
+        assert!(b.select(&[1]).unwrap_err().to_string().contains("level 2"));
+        assert!(Bank::with_taps(vec![lb(1.0), lb(2.0)], vec![1, 1]).is_err());
+    }
 }

@@ -237,19 +237,20 @@ pub struct Prepared {
     pub placement: Placement,
 }
 
-/// Prepare a frame for the network according to `input` (and its `fit`).
-pub fn prepare(img: &Rgb8, input: &Input) -> Result<Prepared, String> {
-    let (ih, iw) = (input.size[0], input.size[1]);
+/// The region of `img` that is inspected: the ROI cut out (with its origin), or the whole frame.
+/// Refuses frames under `input.min_side`.
+fn region<'a>(
+    img: &'a Rgb8,
+    input: &Input,
+) -> Result<(std::borrow::Cow<'a, Rgb8>, (usize, usize)), String> {
     if img.width < input.min_side || img.height < input.min_side {
         return Err(format!(
             "image is {}×{} px, smaller than the {} px minimum side (input.min_side): too small to inspect",
             img.width, img.height, input.min_side
         ));
     }
-    // Region of interest first: everything after sees only the ROI.
-    let cropped;
-    let (img, origin) = match input.roi {
-        None => (img, (0, 0)),
+    match input.roi {
+        None => Ok((std::borrow::Cow::Borrowed(img), (0, 0))),
         Some([x, y, rw, rh]) => {
             if x + rw > img.width || y + rh > img.height {
                 return Err(format!(
@@ -263,14 +264,121 @@ pub fn prepare(img: &Rgb8, input: &Input) -> Result<Prepared, String> {
                     &img.data[(row * img.width + x) * 3..(row * img.width + x + rw) * 3],
                 );
             }
-            cropped = Rgb8 {
-                width: rw,
-                height: rh,
+            Ok((
+                std::borrow::Cow::Owned(Rgb8 {
+                    width: rw,
+                    height: rh,
+                    data,
+                }),
+                (x, y),
+            ))
+        }
+    }
+}
+
+/// One network input of a frame: a window of the resized frame.
+#[derive(Debug, Clone)]
+pub struct TileInput {
+    /// `3 × H × W` normalised values.
+    pub chw: Vec<f32>,
+    /// Top-left corner of the window in the resized frame `(x, y)`; `(0, 0)` for the single
+    /// window of crop, stretch and pad (whose offset is in the placement).
+    pub offset: (usize, usize),
+}
+
+/// All network inputs of one frame and where they lie.
+#[derive(Debug, Clone)]
+pub struct PreparedFrame {
+    /// The windows: one for crop, stretch and pad; one or more for tile.
+    pub tiles: Vec<TileInput>,
+    /// Geometry, for mapping scores back onto the frame.
+    pub placement: Placement,
+    /// Size `(height, width)` of the stitched score map: the input window, or for tile the whole
+    /// resized frame.
+    pub map_size: (usize, usize),
+}
+
+/// Window origins covering `len` pixels with the fewest windows of `win` pixels, spread evenly
+/// (first at 0, last flush with the end; neighbours overlap when `len` is not a multiple of `win`).
+pub fn tile_offsets(len: usize, win: usize) -> Vec<usize> {
+    if len <= win {
+        return vec![0];
+    }
+    let n = len.div_ceil(win);
+    let span = (len - win) as f64;
+    (0..n)
+        .map(|i| (span * i as f64 / (n - 1) as f64).round() as usize)
+        .collect()
+}
+
+/// Size of a frame region resized for tiling: the shorter side (relative to the input window)
+/// becomes the input size, the other keeps the aspect ratio (never below the input size).
+pub fn tile_resize(region: (usize, usize), input: (usize, usize)) -> (usize, usize) {
+    let (w, h) = region;
+    let (iw, ih) = input;
+    let s = (iw as f64 / w as f64).max(ih as f64 / h as f64);
+    let nw = ((w as f64 * s).round() as usize).max(iw);
+    let nh = ((h as f64 * s).round() as usize).max(ih);
+    (nw, nh)
+}
+
+/// Prepare a frame for the network according to `input.fit`: every window it needs.
+/// For `tile`, the region is resized so that its shorter side equals the input size (aspect kept)
+/// and covered by the fewest overlapping input-sized windows.
+pub fn prepare_frame(img: &Rgb8, input: &Input) -> Result<PreparedFrame, String> {
+    if input.fit != Fit::Tile {
+        let p = prepare(img, input)?;
+        return Ok(PreparedFrame {
+            tiles: vec![TileInput {
+                chw: p.chw,
+                offset: (0, 0),
+            }],
+            placement: p.placement,
+            map_size: (input.size[0], input.size[1]),
+        });
+    }
+    let (ih, iw) = (input.size[0], input.size[1]);
+    let (img, origin) = region(img, input)?;
+    let (nw, nh) = tile_resize((img.width, img.height), (iw, ih));
+    let resized = resize_bicubic(&img, nw, nh);
+    let mut tiles = Vec::new();
+    for &y0 in &tile_offsets(nh, ih) {
+        for &x0 in &tile_offsets(nw, iw) {
+            let mut data = Vec::with_capacity(iw * ih * 3);
+            for y in y0..y0 + ih {
+                data.extend_from_slice(&resized.data[(y * nw + x0) * 3..(y * nw + x0 + iw) * 3]);
+            }
+            let window = Rgb8 {
+                width: iw,
+                height: ih,
                 data,
             };
-            (&cropped, (x, y))
+            let mut chw = vec![0.0f32; 3 * ih * iw];
+            normalise(&window, input, &mut chw);
+            tiles.push(TileInput {
+                chw,
+                offset: (x0, y0),
+            });
         }
-    };
+    }
+    Ok(PreparedFrame {
+        tiles,
+        placement: Placement {
+            origin,
+            frame: (img.width, img.height),
+            resized: (nw, nh),
+            offset: (0, 0),
+        },
+        map_size: (nh, nw),
+    })
+}
+
+/// Prepare a frame for the network according to `input` (and its `fit`): the single window of
+/// crop, stretch or pad (use [`prepare_frame`] for every fit, tile included).
+pub fn prepare(img: &Rgb8, input: &Input) -> Result<Prepared, String> {
+    let (ih, iw) = (input.size[0], input.size[1]);
+    let (img, origin) = region(img, input)?;
+    let img: &Rgb8 = &img;
     let (w, h) = (img.width, img.height);
     let (window, mut placement) = match input.fit {
         Fit::Crop => {
@@ -341,6 +449,7 @@ pub fn prepare(img: &Rgb8, input: &Input) -> Result<Prepared, String> {
                 },
             )
         }
+        Fit::Tile => return Err("fit = \"tile\" makes several windows: use prepare_frame".into()),
     };
     placement.origin = origin;
     let mut chw = vec![0.0f32; 3 * ih * iw];
@@ -512,5 +621,63 @@ mod tests {
         assert_eq!(p.placement.offset, (0, -2));
         assert_eq!(p.window.data[0], 0);
         assert_eq!(p.window.data[(2 * 8) * 3], 255);
+    }
+
+    #[test]
+    fn tiles_cover_the_frame_with_the_fewest_windows() {
+        assert_eq!(tile_offsets(224, 224), vec![0]);
+        assert_eq!(tile_offsets(448, 224), vec![0, 224]);
+        // 500 px: 3 tiles, last flush with the end, even overlap.
+        assert_eq!(tile_offsets(500, 224), vec![0, 138, 276]);
+        assert_eq!(tile_offsets(225, 224), vec![0, 1]);
+        // Portrait 114×300 → 224 wide, 589 high; landscape keeps the height.
+        assert_eq!(tile_resize((114, 300), (224, 224)), (224, 589));
+        assert_eq!(tile_resize((600, 300), (224, 224)), (448, 224));
+        // A frame already smaller than the input is enlarged to at least the input.
+        assert_eq!(tile_resize((100, 100), (224, 224)), (224, 224));
+    }
+
+    #[test]
+    fn tile_frames_cut_windows_of_the_resized_frame() {
+        let input = Input {
+            name: None,
+            size: [4, 4],
+            resize: 4,
+            fit: Fit::Tile,
+            mean: [0.0; 3],
+            std: [1.0; 3],
+            min_side: 1,
+            roi: None,
+        };
+        // 10×4 frame (already at the input height): a horizontal ramp, 3 tiles at 0, 3, 6.
+        let data: Vec<u8> = (0..4)
+            .flat_map(|_| (0..10u8).flat_map(|x| [x * 20; 3]))
+            .collect();
+        let img = Rgb8 {
+            width: 10,
+            height: 4,
+            data,
+        };
+        let f = prepare_frame(&img, &input).unwrap();
+        assert_eq!(f.map_size, (4, 10));
+        assert_eq!(f.placement.resized, (10, 4));
+        let offs: Vec<_> = f.tiles.iter().map(|t| t.offset).collect();
+        assert_eq!(offs, vec![(0, 0), (3, 0), (6, 0)]);
+        for t in &f.tiles {
+            // First pixel of each window is the ramp value at its offset (red plane, row 0).
+            assert_eq!(t.chw[0], (t.offset.0 as f32 * 20.0) / 255.0);
+            assert_eq!(t.chw.len(), 3 * 16);
+        }
+        // Other fits give one window with the input-sized map.
+        let single = prepare_frame(
+            &img,
+            &Input {
+                fit: Fit::Stretch,
+                ..input.clone()
+            },
+        )
+        .unwrap();
+        assert_eq!((single.tiles.len(), single.map_size), (1, (4, 4)));
+        assert!(prepare(&img, &input).unwrap_err().contains("prepare_frame"));
     }
 }

@@ -95,9 +95,7 @@ fn model_description_wrong_field_is_named() {
     });
     let err = fails(&["bench", "--model", s(&m), "--images", s(t.path())]);
     assert!(err.contains("model.toml") && err.contains("grid"), "{err}");
-    let m = model_toml(t.path(), |s| {
-        s.replace("fit = \"stretch\"", "fit = \"zoom\"")
-    });
+    let m = model_toml(t.path(), |s| s.replace("fit = \"tile\"", "fit = \"zoom\""));
     let err = fails(&["bench", "--model", s(&m), "--images", s(t.path())]);
     assert!(err.contains("fit") && err.contains("zoom"), "{err}");
 }

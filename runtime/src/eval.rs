@@ -1,0 +1,323 @@
+//! `edge-ad eval`: the field's metrics on an MVTec-layout data set, for any number of framings,
+//! reference selections and level sets in one run (backbone features are computed once per
+//! framing and reused by every bank).
+//!
+//! Layout: `train/good/` (the reference pool), `test/<type>/` (`good` plus defect types),
+//! `ground_truth/<type>/<stem>_mask.png` (non-zero = defect) for every defect image.
+//! Metrics (see [`edge_ad_calibration::metrics`]): image AUROC, pixel AUROC, AUPRO up to FPR 0.3,
+//! image F1-max; per defect type (that type against `test/good`) and overall. Deterministic.
+
+use crate::error::{Error, Result};
+use crate::images::list_images;
+use crate::inspector::{choose_levels, FeatureSet, LevelChoice};
+use crate::model::{check_levels, Fit};
+use crate::pipeline::{FrameFeatures, Pipeline, PipelineOptions};
+use edge_ad_calibration::metrics::{aupro, auroc_pairs, f1_max, PixelCase};
+use edge_ad_calibration::Selection;
+use edge_ad_kernels::BankDtype;
+use std::path::{Path, PathBuf};
+
+/// What to evaluate.
+#[derive(Debug, Clone)]
+pub struct EvalOptions {
+    /// Data set root (MVTec layout).
+    pub data: PathBuf,
+    /// References per bank.
+    pub refs: usize,
+    /// Framings to compare.
+    pub fits: Vec<Fit>,
+    /// Reference selections to compare.
+    pub selections: Vec<Selection>,
+    /// Level sets to compare (`Model`, `All`, `Given`, `Auto`).
+    pub levels: Vec<LevelChoice>,
+    /// Seed of random / k-means selection and synthetic defects.
+    pub seed: u64,
+    /// Bank precision.
+    pub bank_dtype: BankDtype,
+}
+
+/// Metrics of one subset of the test set.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct Metrics {
+    /// Good test images.
+    pub good: usize,
+    /// Defective test images.
+    pub defective: usize,
+    /// Image-level AUROC.
+    pub image_auroc: f64,
+    /// Pixel-level AUROC.
+    pub pixel_auroc: f64,
+    /// Area under the PRO curve up to FPR 0.3, normalised.
+    pub aupro: f64,
+    /// Best image-level F1 over all thresholds.
+    pub image_f1_max: f64,
+}
+
+/// One evaluated combination.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct EvalRow {
+    /// Framing.
+    pub fit: String,
+    /// Reference selection.
+    pub selection: String,
+    /// Levels scored, 1-based.
+    pub levels: Vec<usize>,
+    /// How the levels were chosen (for `auto`, the criterion's result).
+    pub level_choice: String,
+    /// References used (relative to `train/good`).
+    pub references: Vec<String>,
+    /// Backbone passes per test frame, mean.
+    pub tiles_per_frame: f64,
+    /// All defect types together against the good images.
+    pub overall: Metrics,
+    /// Per defect type, sorted by name.
+    pub per_type: Vec<(String, Metrics)>,
+}
+
+/// A test image with its ground truth.
+#[derive(Debug, Clone)]
+struct TestImage {
+    /// Defect type; `None` for good.
+    kind: Option<String>,
+    width: usize,
+    height: usize,
+    mask: Vec<bool>,
+}
+
+fn load_test_set(data: &Path) -> Result<(Vec<PathBuf>, Vec<TestImage>)> {
+    let test = data.join("test");
+    let mut types: Vec<PathBuf> = std::fs::read_dir(&test)
+        .map_err(|e| Error::io(&test, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_dir())
+        .collect();
+    types.sort();
+    let name = |p: &Path| {
+        p.file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned()
+    };
+    if !types.iter().any(|t| name(t) == "good") {
+        return Err(Error::Invalid(format!(
+            "{}: no good/ folder (MVTec layout: test/good and test/<defect type>)",
+            test.display()
+        )));
+    }
+    if types.len() < 2 {
+        return Err(Error::Invalid(format!(
+            "{}: no defect type folder beside good/",
+            test.display()
+        )));
+    }
+    let mut paths = Vec::new();
+    let mut out = Vec::new();
+    for t in &types {
+        let kind = name(t);
+        for p in list_images(t)? {
+            let (w, h) = image::image_dimensions(&p).map_err(|e| Error::Image {
+                path: p.clone(),
+                message: format!("cannot read the image size: {e}"),
+            })?;
+            let (w, h) = (w as usize, h as usize);
+            let mask = if kind == "good" {
+                vec![false; w * h]
+            } else {
+                let stem = p.file_stem().unwrap_or_default().to_string_lossy();
+                let mp = data
+                    .join("ground_truth")
+                    .join(&kind)
+                    .join(format!("{stem}_mask.png"));
+                let m = image::open(&mp)
+                    .map_err(|e| Error::Image {
+                        path: mp.clone(),
+                        message: format!("ground-truth mask of {}: {e}", p.display()),
+                    })?
+                    .to_luma8();
+                if (m.width() as usize, m.height() as usize) != (w, h) {
+                    return Err(Error::Image {
+                        path: mp,
+                        message: format!(
+                            "mask is {}×{}, its image {} is {w}×{h}",
+                            m.width(),
+                            m.height(),
+                            p.display()
+                        ),
+                    });
+                }
+                m.into_raw().into_iter().map(|v| v > 0).collect()
+            };
+            paths.push(p);
+            out.push(TestImage {
+                kind: (kind != "good").then(|| kind.clone()),
+                width: w,
+                height: h,
+                mask,
+            });
+        }
+    }
+    Ok((paths, out))
+}
+
+fn metrics_of(images: &[&TestImage], scores: &[f32], maps: &[&Vec<f32>]) -> Metrics {
+    let mut img_pairs: Vec<(f32, bool)> = images
+        .iter()
+        .zip(scores)
+        .map(|(t, &s)| (s, t.kind.is_some()))
+        .collect();
+    let image_auroc = auroc_pairs(&mut img_pairs).unwrap_or(f64::NAN);
+    let image_f1_max = f1_max(&mut img_pairs).map_or(f64::NAN, |f| f.0);
+    let mut px: Vec<(f32, bool)> = Vec::new();
+    for (t, m) in images.iter().zip(maps) {
+        px.extend(m.iter().copied().zip(t.mask.iter().copied()));
+    }
+    let pixel_auroc = auroc_pairs(&mut px).unwrap_or(f64::NAN);
+    drop(px);
+    let cases: Vec<PixelCase> = images
+        .iter()
+        .zip(maps)
+        .map(|(t, m)| PixelCase {
+            map: m,
+            mask: &t.mask,
+            width: t.width,
+            height: t.height,
+        })
+        .collect();
+    Metrics {
+        good: images.iter().filter(|t| t.kind.is_none()).count(),
+        defective: images.iter().filter(|t| t.kind.is_some()).count(),
+        image_auroc,
+        pixel_auroc,
+        aupro: aupro(&cases, 0.3).unwrap_or(f64::NAN),
+        image_f1_max,
+    }
+}
+
+/// Run every combination of `eo`; `progress(stage, done, total)` for the long stages and
+/// `row(&EvalRow)` as each combination finishes.
+pub fn evaluate(
+    base: &PipelineOptions,
+    eo: &EvalOptions,
+    mut progress: impl FnMut(&str, usize, usize),
+    mut row: impl FnMut(&EvalRow),
+) -> Result<Vec<EvalRow>> {
+    let train = eo.data.join("train").join("good");
+    let pool_paths = list_images(&train)?;
+    if pool_paths.len() < eo.refs + 1 {
+        return Err(Error::Invalid(format!(
+            "{}: {} images, --refs {} needs at least {}",
+            train.display(),
+            pool_paths.len(),
+            eo.refs,
+            eo.refs + 1
+        )));
+    }
+    if eo.refs == 0 {
+        return Err(Error::Invalid("--refs 0: a bank needs references".into()));
+    }
+    let (test_paths, test) = load_test_set(&eo.data)?;
+    let mut rows = Vec::new();
+    for &fit in &eo.fits {
+        let mut pipeline = Pipeline::load(&PipelineOptions {
+            fit: Some(fit),
+            ..base.clone()
+        })?;
+        let ntaps = pipeline.description().desc.taps.len();
+        for l in &eo.levels {
+            if let LevelChoice::Given(g) = l {
+                check_levels(g, ntaps).map_err(|e| Error::Invalid(format!("--levels: {e}")))?;
+            }
+        }
+        let channels = pipeline.description().desc.features.channels;
+        let pool = FeatureSet::extract(&mut pipeline, pool_paths.clone(), |i, n| {
+            progress(&format!("{fit}: train features"), i, n)
+        })?;
+        let tests = FeatureSet::extract(&mut pipeline, test_paths.clone(), |i, n| {
+            progress(&format!("{fit}: test features"), i, n)
+        })?;
+        let tiles_per_frame = tests.frames.iter().map(|f| f.tiles.len()).sum::<usize>() as f64
+            / tests.frames.len().max(1) as f64;
+        for &sel in &eo.selections {
+            let refs = pool.select(eo.refs, sel, eo.seed, channels);
+            let ref_frames: Vec<&FrameFeatures> = refs.iter().map(|&i| &pool.frames[i]).collect();
+            let all: Vec<usize> = (0..ntaps).collect();
+            let full = pipeline.bank_from_frames(&ref_frames, eo.bank_dtype, &all)?;
+            for choice in &eo.levels {
+                let (taps, why) = match choice {
+                    LevelChoice::Model => (
+                        pipeline.description().desc.default_levels(),
+                        "model".to_string(),
+                    ),
+                    LevelChoice::All => (all.clone(), "all".to_string()),
+                    LevelChoice::Given(g) => {
+                        (g.iter().map(|l| l - 1).collect(), "given".to_string())
+                    }
+                    LevelChoice::Auto => {
+                        let (t, why, _) = choose_levels(
+                            &mut pipeline,
+                            &pool,
+                            &refs,
+                            None,
+                            eo.seed,
+                            eo.bank_dtype,
+                            &mut progress,
+                        )?;
+                        (t, why)
+                    }
+                };
+                let bank = full.select(&taps)?;
+                let mut scores = Vec::with_capacity(test.len());
+                let mut maps = Vec::with_capacity(test.len());
+                for (i, (f, t)) in tests.frames.iter().zip(&test).enumerate() {
+                    progress("scoring test images", i, test.len());
+                    let insp = pipeline.score_frame(f, &bank)?;
+                    scores.push(insp.score);
+                    maps.push(insp.frame_map(t.width, t.height));
+                }
+                progress("scoring test images", test.len(), test.len());
+                let pick = |keep: &dyn Fn(&TestImage) -> bool| {
+                    let idx: Vec<usize> = (0..test.len()).filter(|&i| keep(&test[i])).collect();
+                    let imgs: Vec<&TestImage> = idx.iter().map(|&i| &test[i]).collect();
+                    let s: Vec<f32> = idx.iter().map(|&i| scores[i]).collect();
+                    let m: Vec<&Vec<f32>> = idx.iter().map(|&i| &maps[i]).collect();
+                    metrics_of(&imgs, &s, &m)
+                };
+                let overall = pick(&|_| true);
+                let mut kinds: Vec<String> = test.iter().filter_map(|t| t.kind.clone()).collect();
+                kinds.sort();
+                kinds.dedup();
+                let per_type = kinds
+                    .iter()
+                    .map(|k| {
+                        (
+                            k.clone(),
+                            pick(&|t: &TestImage| t.kind.is_none() || t.kind.as_ref() == Some(k)),
+                        )
+                    })
+                    .collect();
+                let r = EvalRow {
+                    fit: fit.to_string(),
+                    selection: sel.to_string(),
+                    levels: taps.iter().map(|t| t + 1).collect(),
+                    level_choice: why,
+                    references: refs
+                        .iter()
+                        .map(|&i| {
+                            pool.paths[i]
+                                .strip_prefix(&train)
+                                .unwrap_or(&pool.paths[i])
+                                .to_string_lossy()
+                                .into_owned()
+                        })
+                        .collect(),
+                    tiles_per_frame,
+                    overall,
+                    per_type,
+                };
+                row(&r);
+                rows.push(r);
+            }
+        }
+    }
+    Ok(rows)
+}

@@ -1,0 +1,232 @@
+//! The calibration report a person looks at before trusting a bank, written next to it:
+//! `summary.txt` (what was chosen and the numbers), `histogram.png` (normal scores in blue, known
+//! defects in red, the threshold as a black line marked T), `references.png` (the chosen
+//! references as a contact sheet) and `normal-<n>.png` (heatmaps of the highest-scoring normal
+//! images: where the bank is least sure about good parts).
+
+use crate::error::{Error, Result};
+use crate::heatmap::{self, draw_text, Scale};
+use crate::inspector::CalibrationReport;
+use crate::preprocess::{resize_bicubic, Rgb8};
+use edge_ad_calibration::{BankHeader, ThresholdRule};
+use std::fmt::Write as _;
+use std::path::Path;
+
+fn rule_text(r: &ThresholdRule) -> String {
+    match r {
+        ThresholdRule::MaxTimesMargin { margin } => format!("max normal × {margin}"),
+        ThresholdRule::MeanPlusKSigma { k } => format!("mean + {k} × std of the normal scores"),
+        ThresholdRule::Quantile { false_reject } => {
+            format!("false-reject budget {false_reject} (quantile of the normal scores)")
+        }
+    }
+}
+
+/// The text summary (also printed by `calibrate`).
+pub fn summary(h: &BankHeader, r: &CalibrationReport) -> String {
+    let mut s = String::new();
+    let t = &r.threshold;
+    let _ = writeln!(s, "model {}   fit {}", h.model_name, h.fit);
+    let _ = writeln!(
+        s,
+        "references ({}, {}; {} backbone windows):",
+        r.references.len(),
+        h.selection,
+        r.windows
+    );
+    for p in &r.references {
+        let _ = writeln!(s, "  {}", p.display());
+    }
+    let _ = writeln!(s, "levels {:?} ({})", r.levels, r.level_choice);
+    for c in r.candidates.iter().take(5) {
+        let _ = writeln!(
+            s,
+            "  candidate {:?}: AUROC {:.3}, separation {:.2}",
+            c.levels, c.auroc, c.separation
+        );
+    }
+    let loo = r.normal_scores.iter().filter(|n| n.left_out).count();
+    let _ = writeln!(
+        s,
+        "normal scores ({} images: {} held out, {} references left out): min {:.4}  mean {:.4}  max {:.4}  std {:.4}",
+        t.normal_count,
+        t.normal_count - loo,
+        loo,
+        t.normal_min,
+        t.normal_mean,
+        t.normal_max,
+        t.normal_std
+    );
+    if let Some(d) = &t.defects {
+        let _ = writeln!(
+            s,
+            "defect scores ({} images): min {:.4}  max {:.4}; gap to the highest normal {:+.4}, separation {:.2} (gap / summed std)",
+            d.count, d.min, d.max, d.gap, d.separation
+        );
+        let _ = writeln!(
+            s,
+            "threshold {:.4}: between the classes ({} false rejects, {} misses among the calibration images)",
+            t.value, d.false_rejects, d.misses
+        );
+    } else {
+        let _ = writeln!(s, "threshold {:.4} ({})", t.value, rule_text(&t.rule));
+    }
+    s
+}
+
+fn save_png(img: &Rgb8, path: &Path) -> Result<()> {
+    let buf = image::RgbImage::from_raw(img.width as u32, img.height as u32, img.data.clone())
+        .ok_or_else(|| Error::Invalid(format!("{}: image buffer size", path.display())))?;
+    let tmp = path.with_extension("png.tmp");
+    buf.save_with_format(&tmp, image::ImageFormat::Png)
+        .map_err(|e| Error::Invalid(format!("{}: {e}", tmp.display())))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}
+
+fn fill(img: &mut Rgb8, x0: usize, y0: usize, w: usize, h: usize, c: [u8; 3]) {
+    for y in y0..(y0 + h).min(img.height) {
+        for x in x0..(x0 + w).min(img.width) {
+            img.data[(y * img.width + x) * 3..][..3].copy_from_slice(&c);
+        }
+    }
+}
+
+/// Histogram of normal (blue) and defect (red) scores with the threshold (black, marked T).
+pub fn histogram(normal: &[f64], defects: &[f64], threshold: f64) -> Rgb8 {
+    let (w, h) = (640usize, 320usize);
+    let mut img = Rgb8 {
+        width: w,
+        height: h,
+        data: vec![255; w * h * 3],
+    };
+    let all = normal
+        .iter()
+        .chain(defects)
+        .chain(std::iter::once(&threshold));
+    let lo = all.clone().copied().fold(f64::INFINITY, f64::min);
+    let hi = all.copied().fold(f64::NEG_INFINITY, f64::max);
+    let span = (hi - lo).max(1e-9);
+    let (lo, hi) = (lo - 0.05 * span, hi + 0.05 * span);
+    let bins = 40usize;
+    let (left, right, top, bottom) = (40usize, 20usize, 20usize, 40usize);
+    let pw = w - left - right;
+    let ph = h - top - bottom;
+    let bin = |s: f64| (((s - lo) / (hi - lo) * bins as f64) as usize).min(bins - 1);
+    let mut cn = vec![0usize; bins];
+    let mut cd = vec![0usize; bins];
+    normal.iter().for_each(|&s| cn[bin(s)] += 1);
+    defects.iter().for_each(|&s| cd[bin(s)] += 1);
+    let peak = cn.iter().chain(&cd).copied().max().unwrap_or(1).max(1);
+    let bw = pw / bins;
+    for b in 0..bins {
+        let x = left + b * bw;
+        let hn = cn[b] * ph / peak;
+        let hd = cd[b] * ph / peak;
+        // Normal bars on the left half of the bin, defect bars on the right half.
+        fill(&mut img, x + 1, top + ph - hn, bw / 2, hn, [40, 90, 220]);
+        fill(
+            &mut img,
+            x + bw / 2,
+            top + ph - hd,
+            bw / 2,
+            hd,
+            [220, 40, 40],
+        );
+    }
+    fill(&mut img, left, top + ph, pw, 1, [0, 0, 0]);
+    let tx = left + ((threshold - lo) / (hi - lo) * (bins * bw) as f64) as usize;
+    for y in (top..top + ph).step_by(2) {
+        fill(&mut img, tx, y, 2, 1, [0, 0, 0]);
+    }
+    draw_text(&mut img, "T", tx + 4, top, 2);
+    draw_text(&mut img, &format!("{lo:.3}"), left, top + ph + 8, 2);
+    let hi_s = format!("{hi:.3}");
+    draw_text(
+        &mut img,
+        &hi_s,
+        w - right - hi_s.len() * 12,
+        top + ph + 8,
+        2,
+    );
+    draw_text(
+        &mut img,
+        &format!("{threshold:.3}"),
+        tx.saturating_sub(20),
+        top + ph + 24,
+        1,
+    );
+    img
+}
+
+/// The references side by side, each scaled to `cell` pixels high.
+pub fn contact_sheet(images: &[Rgb8], cell: usize) -> Rgb8 {
+    let scaled: Vec<Rgb8> = images
+        .iter()
+        .map(|i| {
+            let w = (i.width * cell / i.height.max(1)).max(1);
+            resize_bicubic(i, w, cell)
+        })
+        .collect();
+    let gap = 4;
+    let width = scaled.iter().map(|s| s.width + gap).sum::<usize>() + gap;
+    let height = cell + 2 * gap;
+    let mut out = Rgb8 {
+        width,
+        height,
+        data: vec![40; width * height * 3],
+    };
+    let mut x0 = gap;
+    for (n, s) in scaled.iter().enumerate() {
+        for y in 0..s.height {
+            let dst = ((gap + y) * width + x0) * 3;
+            out.data[dst..dst + s.width * 3]
+                .copy_from_slice(&s.data[y * s.width * 3..(y + 1) * s.width * 3]);
+        }
+        draw_text(&mut out, &(n + 1).to_string(), x0 + 3, gap + 3, 2);
+        x0 += s.width + gap;
+    }
+    out
+}
+
+/// Write the whole report into `dir` (created if needed).
+pub fn write(dir: &Path, h: &BankHeader, r: &CalibrationReport, summary: &str) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let txt = dir.join("summary.txt");
+    let mut text = summary.to_string();
+    let _ = writeln!(text, "\nscores (path, score, how):");
+    for n in &r.normal_scores {
+        let how = if n.left_out {
+            "reference, left out"
+        } else {
+            "held out"
+        };
+        let _ = writeln!(text, "  {}  {:.4}  {how}", n.path.display(), n.score);
+    }
+    for d in &r.defect_scores {
+        let _ = writeln!(text, "  {}  {:.4}  defect", d.path.display(), d.score);
+    }
+    edge_ad_calibration::bankfile::write_atomic(&txt, text.as_bytes())?;
+    let normal: Vec<f64> = r.normal_scores.iter().map(|s| s.score).collect();
+    let defects: Vec<f64> = r.defect_scores.iter().map(|s| s.score).collect();
+    save_png(
+        &histogram(&normal, &defects, r.threshold.value),
+        &dir.join("histogram.png"),
+    )?;
+    let refs = r
+        .references
+        .iter()
+        .map(|p| Rgb8::open(p))
+        .collect::<Result<Vec<_>>>()?;
+    save_png(&contact_sheet(&refs, 160), &dir.join("references.png"))?;
+    let scale = Scale::for_threshold(r.threshold.normal_min, r.threshold.value);
+    for (n, (path, insp)) in r.top_normal.iter().enumerate() {
+        let img = Rgb8::open(path)?;
+        let label = format!("{:.3}", insp.score);
+        save_png(
+            &heatmap::render(&img, insp, scale, &label),
+            &dir.join(format!("normal-{}.png", n + 1)),
+        )?;
+    }
+    let _ = h;
+    Ok(())
+}
