@@ -132,8 +132,27 @@ pub struct BankHeader {
     pub levels: Vec<LevelInfo>,
     /// Decision threshold and how it was set.
     pub threshold: Threshold,
+    /// Semantic-aligned references: the level data holds the whole pool, and every frame's bank is
+    /// built from the `k` pool images nearest it (spec §7.1). Absent: the level data is the bank.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aligned: Option<AlignedPool>,
     /// edge-ad version that wrote the bank.
     pub written_by: String,
+}
+
+/// The pool of a semantic-aligned bank.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AlignedPool {
+    /// References per frame.
+    pub k: usize,
+    /// Model level (1-based) whose features the alignment histograms use.
+    pub level: usize,
+    /// Pool image names, in level-data order.
+    pub images: Vec<String>,
+    /// Backbone windows (tiles) of each pool image: its rows are `windows × positions`.
+    pub windows: Vec<usize>,
+    /// Centres and pool histograms.
+    pub index: crate::aligned::AlignmentIndex,
 }
 
 /// One level's features.
@@ -456,6 +475,7 @@ mod tests {
                     },
                 ],
                 threshold: Threshold::from_scores(&[0.5, 0.6], ThresholdRule::default()).unwrap(),
+                aligned: None,
                 written_by: "test".into(),
             },
             levels: vec![

@@ -19,11 +19,19 @@ pub enum Selection {
     /// each cluster the image nearest its centre.
     #[default]
     Kmeans,
+    /// No fixed bank: every frame gets the K pool images nearest it in low-level appearance
+    /// (semantic-aligned references, spec §7.1, [`crate::aligned`]); the bank file keeps the pool.
+    Aligned,
 }
 
 impl Selection {
     /// Every mode, for parsing and messages.
-    pub const ALL: [Selection; 3] = [Selection::First, Selection::Random, Selection::Kmeans];
+    pub const ALL: [Selection; 4] = [
+        Selection::First,
+        Selection::Random,
+        Selection::Kmeans,
+        Selection::Aligned,
+    ];
 
     /// The name used on the command line and in banks.
     pub fn name(self) -> &'static str {
@@ -31,6 +39,7 @@ impl Selection {
             Selection::First => "first",
             Selection::Random => "random",
             Selection::Kmeans => "kmeans",
+            Selection::Aligned => "aligned",
         }
     }
 }
@@ -47,7 +56,9 @@ impl std::str::FromStr for Selection {
         Selection::ALL
             .into_iter()
             .find(|m| m.name() == s)
-            .ok_or_else(|| format!("unknown selection `{s}`: expected first, random or kmeans"))
+            .ok_or_else(|| {
+                format!("unknown selection `{s}`: expected first, random, kmeans or aligned")
+            })
     }
 }
 

@@ -11,6 +11,7 @@
 use crate::gemm::{flops, matmul, Par, Rhs};
 use crate::KernelError;
 use half::f16;
+use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
 /// Bank rows per similarity block: 256 queries × 512 rows × 4 B = 512 KiB, an L2's worth.
@@ -79,11 +80,44 @@ impl LevelBank {
         }
         let raw: Vec<f32> = match dtype {
             BankDtype::F32 => features.to_vec(),
-            BankDtype::F16 => features
-                .iter()
-                .map(|&v| f16::from_f32(v).to_f32())
-                .collect(),
+            BankDtype::F16 => {
+                // Slice conversions use F16C / NEON when the CPU has them (per-element ones
+                // do not): rounding a bank is otherwise the slowest step of building it.
+                let mut half = vec![f16::ZERO; features.len()];
+                half.convert_from_f32_slice(features);
+                let mut back = vec![0.0f32; features.len()];
+                half.convert_to_f32_slice(&mut back);
+                back
+            }
         };
+        Self::from_rounded(rows, channels, raw, dtype)
+    }
+
+    /// A half-precision bank from values already widened from f16 (e.g. rows of stored banks
+    /// concatenated with `convert_to_f32_slice`): skips the rounding pass of [`LevelBank::new`].
+    /// Values not representable in f16 are kept as they are.
+    pub fn from_f16_widened(
+        rows: usize,
+        channels: usize,
+        raw: Vec<f32>,
+    ) -> Result<Self, KernelError> {
+        if rows == 0 || channels == 0 || raw.len() != rows * channels {
+            return Err(KernelError::Shape(format!(
+                "bank of {rows} rows × {channels} channels needs {} values, got {}",
+                rows * channels,
+                raw.len()
+            )));
+        }
+        Self::from_rounded(rows, channels, raw, BankDtype::F16)
+    }
+
+    /// A bank from features already rounded to `dtype`.
+    fn from_rounded(
+        rows: usize,
+        channels: usize,
+        raw: Vec<f32>,
+        dtype: BankDtype,
+    ) -> Result<Self, KernelError> {
         let mut unit = vec![0.0f32; raw.len()];
         normalise_rows(&raw, channels, &mut unit);
         #[cfg(target_arch = "x86_64")]
@@ -102,8 +136,16 @@ impl LevelBank {
 
     /// A bank from stored half-precision features.
     pub fn from_f16(rows: usize, channels: usize, features: &[f16]) -> Result<Self, KernelError> {
-        let wide: Vec<f32> = features.iter().map(|v| v.to_f32()).collect();
-        Self::new(rows, channels, &wide, BankDtype::F16)
+        if rows == 0 || channels == 0 || features.len() != rows * channels {
+            return Err(KernelError::Shape(format!(
+                "bank of {rows} rows × {channels} channels needs {} values, got {}",
+                rows * channels,
+                features.len()
+            )));
+        }
+        let mut wide = vec![0.0f32; features.len()];
+        features.convert_to_f32_slice(&mut wide);
+        Self::from_rounded(rows, channels, wide, BankDtype::F16)
     }
 
     /// The same bank searched by the portable GEMM path only (no AVX-512 kernel): the reference
@@ -138,7 +180,9 @@ impl LevelBank {
     }
     /// Raw features in half precision, for writing an f16 bank.
     pub fn to_f16(&self) -> Vec<f16> {
-        self.raw.iter().map(|&v| f16::from_f32(v)).collect()
+        let mut out = vec![f16::ZERO; self.raw.len()];
+        out.convert_from_f32_slice(&self.raw);
+        out
     }
 }
 

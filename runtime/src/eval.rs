@@ -7,11 +7,13 @@
 //! Metrics (see [`edge_ad_calibration::metrics`]): image AUROC, pixel AUROC, AUPRO up to FPR 0.3,
 //! image F1-max; per defect type (that type against `test/good`) and overall. Deterministic.
 
+use crate::aligned::{self, cell_features};
 use crate::error::{Error, Result};
 use crate::images::list_images;
 use crate::inspector::{choose_levels, FeatureSet, LevelChoice};
 use crate::model::{check_levels, Fit};
 use crate::pipeline::{FrameFeatures, Pipeline, PipelineOptions};
+use edge_ad_calibration::aligned::AlignmentIndex;
 use edge_ad_calibration::metrics::{aupro, auroc_pairs, f1_max, PixelCase};
 use edge_ad_calibration::Selection;
 use edge_ad_kernels::BankDtype;
@@ -242,6 +244,16 @@ pub fn evaluate(
             let ref_frames: Vec<&FrameFeatures> = refs.iter().map(|&i| &pool.frames[i]).collect();
             let all: Vec<usize> = (0..ntaps).collect();
             let full = pipeline.bank_from_frames(&ref_frames, eo.bank_dtype, &all)?;
+            // Aligned: a bank per test frame from the pool images nearest it (spec §7.1).
+            let index = (sel == Selection::Aligned).then(|| {
+                let desc = &pipeline.description().desc;
+                let cells: Vec<_> = pool
+                    .frames
+                    .iter()
+                    .map(|f| cell_features(desc, f, 0, aligned::GRID))
+                    .collect();
+                AlignmentIndex::build(&cells, aligned::GRID, aligned::CLUSTERS, channels, eo.seed)
+            });
             for choice in &eo.levels {
                 let (taps, why) = match choice {
                     LevelChoice::Model => (
@@ -270,7 +282,18 @@ pub fn evaluate(
                 let mut maps = Vec::with_capacity(test.len());
                 for (i, (f, t)) in tests.frames.iter().zip(&test).enumerate() {
                     progress("scoring test images", i, test.len());
-                    let insp = pipeline.score_frame(f, &bank)?;
+                    let insp = match &index {
+                        None => pipeline.score_frame(f, &bank)?,
+                        Some(index) => {
+                            let desc = &pipeline.description().desc;
+                            let chosen =
+                                index.nearest(&cell_features(desc, f, 0, index.grid), eo.refs);
+                            let frames: Vec<&FrameFeatures> =
+                                chosen.iter().map(|&i| &pool.frames[i]).collect();
+                            let b = pipeline.bank_from_frames(&frames, eo.bank_dtype, &taps)?;
+                            pipeline.score_frame(f, &b)?
+                        }
+                    };
                     scores.push(insp.score);
                     maps.push(insp.frame_map(t.width, t.height));
                 }

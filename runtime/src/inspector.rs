@@ -1,6 +1,7 @@
 //! Calibration (reference bank + threshold) and inspection against a bank file: the product loop
 //! on top of [`Pipeline`]. `calibrate`, `inspect` and the line daemon all go through here.
 
+use crate::aligned::{self, cell_features, AlignedBank};
 use crate::error::{Error, Result};
 use crate::images::list_images;
 use crate::model::check_levels;
@@ -8,6 +9,8 @@ use crate::model::Fit;
 use crate::pipeline::{Bank, FrameFeatures, Inspection, Pipeline, PipelineOptions};
 use crate::preprocess::Rgb8;
 use crate::synthetic::draw_defect;
+use edge_ad_calibration::aligned::{AlignmentIndex, CellFeatures};
+use edge_ad_calibration::bankfile::AlignedPool;
 use edge_ad_calibration::bankfile::{BankHeader, LevelInfo};
 use edge_ad_calibration::metrics;
 use edge_ad_calibration::select::{kmeans_references, random_indices, Selection};
@@ -238,7 +241,53 @@ impl FeatureSet {
         match select {
             Selection::First => (0..k).collect(),
             Selection::Random => random_indices(self.paths.len(), k, seed),
-            Selection::Kmeans => kmeans_references(&self.descriptors(channels), k, seed),
+            // Aligned banks choose per frame; where one fixed set is needed (choosing levels),
+            // the k-means references stand in.
+            Selection::Kmeans | Selection::Aligned => {
+                kmeans_references(&self.descriptors(channels), k, seed)
+            }
+        }
+    }
+}
+
+/// How calibration scores a frame: one bank, or a bank per frame from the pool (aligned).
+enum Scorer<'a> {
+    Fixed(Bank),
+    Aligned {
+        index: AlignmentIndex,
+        pool: &'a FeatureSet,
+        k: usize,
+        taps: Vec<usize>,
+    },
+}
+
+impl Scorer<'_> {
+    /// Score `frame`; `pool_image`: its index when it belongs to the pool (left out of its own
+    /// references). Returns the inspection and the pool references used (aligned only).
+    fn score(
+        &self,
+        pipeline: &mut Pipeline,
+        desc: &crate::model::ModelDescription,
+        frame: &FrameFeatures,
+        pool_image: Option<usize>,
+    ) -> Result<(Inspection, Vec<usize>)> {
+        match self {
+            Scorer::Fixed(bank) => Ok((pipeline.score_frame(frame, bank)?, Vec::new())),
+            Scorer::Aligned {
+                index,
+                pool,
+                k,
+                taps,
+            } => {
+                let h = match pool_image {
+                    Some(i) => index.histograms[i].clone(),
+                    None => index.histogram(&cell_features(desc, frame, 0, index.grid)),
+                };
+                let chosen = index.nearest_to(&h, *k, pool_image);
+                let refs: Vec<&FrameFeatures> = chosen.iter().map(|&i| &pool.frames[i]).collect();
+                let bank = pipeline.bank_from_frames(&refs, BankDtype::F16, taps)?;
+                Ok((pipeline.score_frame(frame, &bank)?, chosen))
+            }
         }
     }
 }
@@ -478,9 +527,21 @@ pub fn calibrate(
         ref_idx = pool.select(k, opts.select, opts.seed, channels);
         match opts.select {
             Selection::First => format!("first {k} of {}", pool.paths.len()),
+            Selection::Aligned => format!(
+                "aligned (seed {}): {k} of {} per frame",
+                opts.seed,
+                pool.paths.len()
+            ),
             s => format!("{s} (seed {}) {k} of {}", opts.seed, pool.paths.len()),
         }
     };
+    let aligned = opts.select == Selection::Aligned && explicit.is_none();
+    if aligned && opts.bank_dtype != BankDtype::F16 {
+        return Err(Error::Invalid(
+            "--select aligned keeps the whole pool in the bank file in f16: drop --bank-dtype f32"
+                .into(),
+        ));
+    }
     let windows: usize = ref_idx.iter().map(|&i| pool.frames[i].tiles.len()).sum();
     let ntaps = pipeline.description().desc.taps.len();
     let defects = match &opts.defects {
@@ -532,25 +593,55 @@ pub fn calibrate(
         }
     };
 
-    let bank = pipeline.bank_from_frames(&ref_frames, opts.bank_dtype, &taps)?;
+    let desc = pipeline.description().desc.clone();
+    let scorer = if aligned {
+        let cells: Vec<CellFeatures> = pool
+            .frames
+            .iter()
+            .map(|f| cell_features(&desc, f, 0, aligned::GRID))
+            .collect();
+        let index = AlignmentIndex::build(
+            &cells,
+            aligned::GRID,
+            aligned::CLUSTERS,
+            desc.features.channels,
+            opts.seed,
+        );
+        Scorer::Aligned {
+            index,
+            pool: &pool,
+            k,
+            taps: taps.clone(),
+        }
+    } else {
+        Scorer::Fixed(pipeline.bank_from_frames(&ref_frames, opts.bank_dtype, &taps)?)
+    };
     progress("scoring normal images", 0, 1);
-    let scored = normal_scores(pipeline, &pool, &ref_idx, &bank, opts.bank_dtype)?;
+    let scored = match &scorer {
+        Scorer::Fixed(bank) => normal_scores(pipeline, &pool, &ref_idx, bank, opts.bank_dtype)?,
+        Scorer::Aligned { .. } => (0..pool.frames.len())
+            .map(|i| {
+                let (insp, _) = scorer.score(pipeline, &desc, &pool.frames[i], Some(i))?;
+                Ok((i, insp, true))
+            })
+            .collect::<Result<Vec<_>>>()?,
+    };
     progress("scoring normal images", 1, 1);
     let normal: Vec<f64> = scored.iter().map(|s| s.1.score as f64).collect();
     let defect_scores: Vec<ScoredImage> = match &defects {
         None => Vec::new(),
-        Some(d) => {
-            let frames: Vec<&FrameFeatures> = d.frames.iter().collect();
-            score_all(pipeline, &frames, &bank)?
-                .iter()
-                .zip(&d.paths)
-                .map(|(s, p)| ScoredImage {
+        Some(d) => d
+            .frames
+            .iter()
+            .zip(&d.paths)
+            .map(|(f, p)| {
+                Ok(ScoredImage {
                     path: p.clone(),
-                    score: s.score as f64,
+                    score: scorer.score(pipeline, &desc, f, None)?.0.score as f64,
                     left_out: false,
                 })
-                .collect()
-        }
+            })
+            .collect::<Result<_>>()?,
     };
     let threshold = if defect_scores.is_empty() {
         Threshold::from_scores(&normal, opts.rule)
@@ -576,8 +667,43 @@ pub fn calibrate(
         .map(|&o| (pool.paths[scored[o].0].clone(), scored[o].1.clone()))
         .collect();
 
-    let d = &pipeline.description().desc;
-    let refs: Vec<PathBuf> = ref_idx.iter().map(|&i| pool.paths[i].clone()).collect();
+    let d = &desc;
+    // Aligned: the report shows the references the highest-scoring normal image was given.
+    let refs: Vec<PathBuf> = match &scorer {
+        Scorer::Fixed(_) => ref_idx.iter().map(|&i| pool.paths[i].clone()).collect(),
+        Scorer::Aligned { index, .. } => {
+            let top = scored[order[0]].0;
+            index
+                .nearest_to(&index.histograms[top], k, Some(top))
+                .iter()
+                .map(|&i| pool.paths[i].clone())
+                .collect()
+        }
+    };
+    let bank = match &scorer {
+        Scorer::Fixed(b) => b.clone(),
+        Scorer::Aligned { .. } => {
+            let all: Vec<&FrameFeatures> = pool.frames.iter().collect();
+            pipeline.bank_from_frames(&all, BankDtype::F16, &taps)?
+        }
+    };
+    let (windows, aligned_pool) = match &scorer {
+        Scorer::Fixed(_) => (windows, None),
+        Scorer::Aligned { index, .. } => (
+            pool.frames.iter().map(|f| f.tiles.len()).sum(),
+            Some(AlignedPool {
+                k,
+                level: 1,
+                images: pool
+                    .paths
+                    .iter()
+                    .map(|p| display_name(p, &opts.images))
+                    .collect(),
+                windows: pool.frames.iter().map(|f| f.tiles.len()).collect(),
+                index: index.clone(),
+            }),
+        ),
+    };
     let header = BankHeader {
         identity: pipeline.identity(),
         model_name: d.name.clone(),
@@ -598,6 +724,7 @@ pub fn calibrate(
             })
             .collect(),
         threshold: threshold.clone(),
+        aligned: aligned_pool,
         written_by: format!("edge-ad {}", env!("CARGO_PKG_VERSION")),
     };
     let levels = bank
@@ -642,14 +769,22 @@ pub fn bank_from_file(file: &BankFile) -> Result<Bank> {
             LevelData::F32(v) => LevelBank::new(info.rows, info.channels, v, BankDtype::F32),
         })
         .collect::<Result<Vec<_>, _>>()?;
-    Ok(Bank::new(levels))
+    let taps = file.header.scored_levels().iter().map(|l| l - 1).collect();
+    Bank::with_taps(levels, taps)
+}
+
+/// The references of an inspector: one bank, or the aligned pool.
+#[derive(Debug)]
+enum References {
+    Fixed(Bank),
+    Aligned(AlignedBank),
 }
 
 /// A pipeline with its bank and threshold: inspects parts and gives verdicts.
 #[derive(Debug)]
 pub struct Inspector {
     pipeline: Pipeline,
-    bank: Bank,
+    refs: References,
     file: BankFile,
 }
 
@@ -691,10 +826,24 @@ impl Inspector {
             )));
         }
         file.check_identity(&pipeline.identity(), bank_path)?;
-        let bank = bank_from_file(&file)?;
+        let refs = match &file.header.aligned {
+            None => References::Fixed(bank_from_file(&file)?),
+            Some(pool) => {
+                let taps = file.header.scored_levels().iter().map(|l| l - 1).collect();
+                References::Aligned(
+                    AlignedBank::new(
+                        pool.clone(),
+                        &file.levels,
+                        taps,
+                        &pipeline.description().desc,
+                    )
+                    .map_err(|e| Error::Invalid(format!("{}: {e}", bank_path.display())))?,
+                )
+            }
+        };
         Ok(Self {
             pipeline,
-            bank,
+            refs,
             file,
         })
     }
@@ -710,7 +859,27 @@ impl Inspector {
 
     /// Inspect one image: map, score, timings and the verdict against the bank's threshold.
     pub fn inspect(&mut self, img: &Rgb8, path: &Path) -> Result<(Inspection, Verdict)> {
-        let insp = self.pipeline.inspect(img, path, &self.bank)?;
+        let insp = match &self.refs {
+            References::Fixed(bank) => self.pipeline.inspect(img, path, bank)?,
+            References::Aligned(pool) => {
+                let t0 = std::time::Instant::now();
+                let frame = self.pipeline.frame_features(img, path)?;
+                let t1 = std::time::Instant::now();
+                let desc = &self.pipeline.description().desc;
+                let (bank, _) = self
+                    .pipeline
+                    .pool()
+                    .install(|| pool.bank_for(desc, &frame))?;
+                let t2 = std::time::Instant::now();
+                let mut insp = self.pipeline.score_frame(&frame, &bank)?;
+                let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+                // Preparation and backbone are timed together on this path.
+                insp.timings.backbone_ms = ms(t1 - t0);
+                insp.timings.align_ms = ms(t2 - t1);
+                insp.timings.total_ms += ms(t2 - t0);
+                insp
+            }
+        };
         let v = if self.file.header.threshold.rejects(insp.score as f64) {
             Verdict::Ng
         } else {

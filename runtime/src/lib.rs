@@ -1,6 +1,7 @@
 //! edge-ad runtime: the model description, frame preparation, the tract backbone and the one
 //! inspection pipeline that every command (calibrate, inspect, bench, demo, the line daemon) uses.
 
+pub mod aligned;
 pub mod backbone;
 pub mod bench;
 pub mod demo;

@@ -104,7 +104,8 @@ enum Command {
         /// File listing the exact reference images, one path per line (relative to the file).
         #[arg(long)]
         refs_list: Option<PathBuf>,
-        /// Reference selection from the pool: kmeans | first | random.
+        /// Reference selection from the pool: kmeans | first | random | aligned (the K pool images
+        /// nearest each frame, chosen at inspection; the bank file keeps the whole pool).
         #[arg(long, default_value = "kmeans")]
         select: Selection,
         /// Seed of random / k-means selection and of synthetic defects.
@@ -482,9 +483,9 @@ fn run(cli: Cli) -> Result<()> {
                         } else {
                             writeln!(
                                 out,
-                                "{}  score {:.4}  {}  {:.1} ms (pre {:.1}, backbone {:.1} for {} pass{}, residual {:.1}, projector {:.1}, score {:.1})",
+                                "{}  score {:.4}  {}  {:.1} ms (pre {:.1}, backbone {:.1} for {} pass{}, align {:.1}, residual {:.1}, projector {:.1}, score {:.1})",
                                 path.display(), insp.score, verdict, t.total_ms, t.preprocess_ms, t.backbone_ms,
-                                t.tiles, if t.tiles == 1 { "" } else { "es" },
+                                t.tiles, if t.tiles == 1 { "" } else { "es" }, t.align_ms,
                                 t.residual_ms, t.projector_ms, t.score_ms
                             )?;
                         }

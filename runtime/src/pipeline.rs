@@ -73,6 +73,8 @@ pub struct Timings {
     pub projector_ms: f64,
     /// FeatureNorm map and score.
     pub score_ms: f64,
+    /// Choosing the frame's references and building its bank (semantic-aligned banks only).
+    pub align_ms: f64,
     /// All of the above.
     pub total_ms: f64,
     /// Backbone passes (tiles) the frame took; the backbone and kernel times cover all of them.

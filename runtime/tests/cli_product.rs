@@ -44,8 +44,8 @@ fn calibrate_then_inspect_json_heatmaps_and_dumps() {
     let summary = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(
-        summary.contains("references (4)")
-            && summary.contains("4 held-out images")
+        summary.contains("references (4, kmeans (seed 0) 4 of 8")
+            && summary.contains("normal scores (8 images: 4 held out, 4 references left out)")
             && summary.contains("threshold"),
         "{summary}"
     );
@@ -697,4 +697,51 @@ fn eval_agrees_with_calibrate_and_inspect_on_magnetic_tile() {
         .unwrap();
     let e = row["overall"]["image_auroc"].as_f64().unwrap();
     assert!((auroc - e).abs() < 1e-12, "inspect {auroc} vs eval {e}");
+}
+
+/// `--select aligned`: the bank keeps the whole pool (f16) with the alignment index; every frame
+/// gets its own references at inspection, timed as `align_ms`; every pool image is scored against
+/// references that exclude it.
+#[test]
+fn aligned_references_are_chosen_per_frame() {
+    let t = tempfile::tempdir().unwrap();
+    let good = root().join("demo/images/good");
+    let bank = t.path().join("a.eab");
+    let o = calibrate_demo(&good, &bank, &["--select", "aligned"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let file = edge_ad_calibration::BankFile::load(&bank).unwrap();
+    let h = &file.header;
+    let pool = h.aligned.as_ref().expect("aligned pool in the header");
+    assert_eq!((pool.k, pool.images.len(), pool.windows.len()), (4, 8, 8));
+    assert_eq!(pool.index.histograms.len(), 8);
+    assert_eq!(pool.index.bins(), 125);
+    // The level data is the whole pool: 8 images × 1 window × 196 positions.
+    assert_eq!(h.levels[0].rows, 8 * 196);
+    assert_eq!(h.threshold.normal_count, 8);
+    assert!(h.selection.starts_with("aligned"), "{}", h.selection);
+    let out = ok(&[
+        "inspect",
+        "--model",
+        s(&demo_model()),
+        "--bank",
+        s(&bank),
+        "--json",
+        s(&root().join("demo/images/test")),
+    ]);
+    let mut right = 0;
+    for l in out.lines() {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap();
+        assert!(v["timings"]["align_ms"].as_f64().unwrap() > 0.0);
+        let good_part = v["path"].as_str().unwrap().contains("/good/");
+        right += usize::from((v["verdict"] == "OK") == good_part);
+    }
+    println!("aligned demo: {right}/11 verdicts match their folders");
+    assert!(right >= 10, "{right}/11");
+    let o = calibrate_demo(
+        &good,
+        &t.path().join("b.eab"),
+        &["--select", "aligned", "--bank-dtype", "f32"],
+    );
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("f16"));
 }
