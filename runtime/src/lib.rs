@@ -10,6 +10,7 @@ pub mod eval;
 pub mod heatmap;
 pub mod images;
 pub mod inspector;
+pub mod line;
 pub mod model;
 pub mod pipeline;
 pub mod preprocess;

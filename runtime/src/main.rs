@@ -212,6 +212,18 @@ enum Command {
         #[arg(long)]
         per_type: bool,
     },
+    /// The line daemon: triggers in, verdicts out (Modbus TCP/RTU, serial ASCII, result log),
+    /// fail-safe: a part is passed only when it was inspected OK within its deadline.
+    ///
+    /// Loads the model and bank named in --config, opens the configured I/O, self-tests on the
+    /// first source frame, then inspects every trigger. SIGTERM/SIGINT drain the parts in flight
+    /// (each still gets a verdict) and exit 0. docs/line.md documents the config, the states and
+    /// the Modbus register map.
+    Run {
+        /// Line config (TOML), e.g. examples/line-demo.toml.
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// Time the pipeline per stage on real images and compare the kernels with this machine's SGEMM.
     ///
     /// The first --refs images of --images (sorted) build the bank; the others are cycled as
@@ -526,6 +538,13 @@ fn run(cli: Cli) -> Result<()> {
                     files.len()
                 );
             }
+        }
+        Command::Run { config } => {
+            let c = edge_ad::line::daemon::run(&config).map_err(anyhow::Error::msg)?;
+            println!(
+                "edge-ad run: {} triggers: {} OK, {} NG, {} ERR ({} overruns, {} late verdicts dropped)",
+                c.triggers, c.ok, c.ng, c.faults, c.overruns, c.late_results
+            );
         }
         Command::Eval {
             model,

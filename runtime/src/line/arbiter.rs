@@ -1,0 +1,471 @@
+//! The fail-safe core (line-side.md §1.3, §6): tags, the bounded FIFO of parts in flight, one
+//! resolution per tag (verdict or deadline, whichever comes first), outputs strictly in tag order,
+//! and the state machine that decides whether a trigger is inspected at all.
+//!
+//! One thread (the arbiter) owns the FIFO and the [`Status`]; triggers, verdicts and commands reach
+//! it as [`Event`]s, so "resolved exactly once" needs no locking: a verdict for a tag that is no
+//! longer in the FIFO (its deadline won) is counted as late and dropped.
+
+use super::status::{Counters, ErrCause, LineState, Outcome, ResultRecord, Status};
+use std::collections::VecDeque;
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, SyncSender};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// What the inspection stage says about a part.
+pub type StageResult = Result<(f32, bool), ErrCause>;
+
+/// The inspection stage: frame + model for one tag. `Ok((score, ng))`, or why there is no verdict.
+pub trait Stage: Send {
+    /// Inspect the part of `tag`.
+    fn inspect(&mut self, tag: u32) -> StageResult;
+}
+
+/// Receives every resolved tag, in tag order, and state changes.
+pub trait Sink: Send {
+    /// A resolved tag.
+    fn emit(&mut self, r: &ResultRecord);
+    /// The state changed (READY and similar outputs follow it).
+    fn state(&mut self, _state: LineState) {}
+}
+
+/// Operator commands (Modbus coils / COMMAND register, serial).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Command {
+    /// Zero the counters.
+    ClearCounters,
+    /// Acknowledge a fault: Faulted → Ready (or Running with auto_online), clear the overrun latch.
+    FaultAck,
+    /// Go online (Running) or offline (Ready).
+    Online(bool),
+}
+
+/// Messages to the arbiter.
+#[derive(Debug)]
+pub enum Event {
+    /// A trigger at this time.
+    Trigger(Instant),
+    /// The stage's answer for a tag.
+    Verdict(u32, StageResult),
+    /// An operator command.
+    Command(Command),
+    /// Self-test finished: Ready (and Running with auto_online), or Faulted with an error code.
+    SelfTest(Result<(), u16>),
+    /// SIGTERM: drain and stop.
+    Shutdown,
+}
+
+/// Timing and capacity of the line.
+#[derive(Debug, Clone, Copy)]
+pub struct LineTiming {
+    /// Trigger → verdict deadline.
+    pub deadline: Duration,
+    /// Parts in flight at most (FIFO capacity).
+    pub fifo: usize,
+    /// Go Running after the self-test without an ONLINE command.
+    pub auto_online: bool,
+    /// Consecutive stage errors that fault the line.
+    pub fault_after: u32,
+}
+
+/// Cloneable handle: how triggers, commands and shutdown reach the arbiter.
+#[derive(Debug, Clone)]
+pub struct LineHandle {
+    tx: Sender<Event>,
+    status: Arc<Mutex<Status>>,
+}
+
+impl LineHandle {
+    /// A trigger now.
+    pub fn trigger(&self) {
+        let _ = self.tx.send(Event::Trigger(Instant::now()));
+    }
+    /// An operator command.
+    pub fn command(&self, c: Command) {
+        let _ = self.tx.send(Event::Command(c));
+    }
+    /// Report the self-test result.
+    pub fn self_test(&self, r: Result<(), u16>) {
+        let _ = self.tx.send(Event::SelfTest(r));
+    }
+    /// Start draining.
+    pub fn shutdown(&self) {
+        let _ = self.tx.send(Event::Shutdown);
+    }
+    /// A copy of the current status.
+    pub fn status(&self) -> Status {
+        self.status.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+}
+
+struct Entry {
+    tag: u32,
+    t0: Instant,
+    result: Option<(Outcome, f32, Option<ErrCause>)>,
+}
+
+/// Start the arbiter and the stage's worker thread. Returns the handle and the arbiter's join
+/// handle (it ends after Shutdown once every tag in flight is resolved).
+pub fn start(
+    timing: LineTiming,
+    stage: Box<dyn Stage>,
+    sinks: Vec<Box<dyn Sink>>,
+    status: Status,
+) -> (LineHandle, std::thread::JoinHandle<Counters>) {
+    let (tx, rx) = mpsc::channel();
+    let status = Arc::new(Mutex::new(status));
+    let (job_tx, job_rx) = mpsc::sync_channel::<u32>(timing.fifo.max(1));
+    let worker_tx = tx.clone();
+    std::thread::Builder::new()
+        .name("edge-ad-stage".into())
+        .spawn(move || worker(stage, job_rx, worker_tx))
+        .expect("spawn the stage thread");
+    let handle = LineHandle {
+        tx,
+        status: status.clone(),
+    };
+    let join = std::thread::Builder::new()
+        .name("edge-ad-arbiter".into())
+        .spawn(move || arbiter(timing, rx, job_tx, sinks, status))
+        .expect("spawn the arbiter thread");
+    (handle, join)
+}
+
+fn worker(mut stage: Box<dyn Stage>, jobs: Receiver<u32>, tx: Sender<Event>) {
+    while let Ok(tag) = jobs.recv() {
+        // A panicking stage must not take the line down silently: its tag ends as ERR by deadline
+        // and the next tags still run.
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| stage.inspect(tag)))
+            .unwrap_or(Err(ErrCause::Inference));
+        if tx.send(Event::Verdict(tag, r)).is_err() {
+            return;
+        }
+    }
+}
+
+fn ms_since(t0: Instant, now: Instant) -> u32 {
+    now.saturating_duration_since(t0)
+        .as_millis()
+        .min(u32::MAX as u128) as u32
+}
+
+fn arbiter(
+    timing: LineTiming,
+    rx: Receiver<Event>,
+    jobs: SyncSender<u32>,
+    mut sinks: Vec<Box<dyn Sink>>,
+    status: Arc<Mutex<Status>>,
+) -> Counters {
+    let start = Instant::now();
+    let mut st = status.lock().map(|s| s.clone()).unwrap_or_default();
+    let mut fifo: VecDeque<Entry> = VecDeque::new();
+    let mut next_tag: u32 = 1;
+    let mut consecutive_errors = 0u32;
+    let mut last_state = st.state;
+    for s in sinks.iter_mut() {
+        s.state(st.state);
+    }
+    loop {
+        let now = Instant::now();
+        // Wake at the head's deadline or the next heartbeat half-period.
+        let hb_next =
+            Duration::from_millis(500 * (now.duration_since(start).as_millis() as u64 / 500 + 1));
+        let mut wake = start + hb_next;
+        if let Some(h) = fifo.iter().find(|e| e.result.is_none()) {
+            wake = wake.min(h.t0 + timing.deadline);
+        }
+        let ev = rx.recv_timeout(wake.saturating_duration_since(now));
+        let now = Instant::now();
+        match ev {
+            Ok(Event::Trigger(t0)) => {
+                let tag = next_tag;
+                next_tag = if next_tag == u32::MAX {
+                    1
+                } else {
+                    next_tag + 1
+                };
+                st.counters.triggers = st.counters.triggers.wrapping_add(1);
+                let unresolved = fifo.iter().filter(|e| e.result.is_none()).count();
+                let result = if st.state != LineState::Running {
+                    Some((Outcome::Err, f32::NAN, Some(ErrCause::NotRunning)))
+                } else if unresolved >= timing.fifo || jobs.try_send(tag).is_err() {
+                    st.counters.overruns = st.counters.overruns.wrapping_add(1);
+                    st.overrun_latched = true;
+                    Some((Outcome::Err, f32::NAN, Some(ErrCause::Overrun)))
+                } else {
+                    None
+                };
+                fifo.push_back(Entry { tag, t0, result });
+            }
+            Ok(Event::Verdict(tag, r)) => match fifo
+                .iter_mut()
+                .find(|e| e.tag == tag && e.result.is_none())
+            {
+                Some(e) => {
+                    e.result = Some(match r {
+                        Ok((score, ng)) if score.is_finite() => {
+                            consecutive_errors = 0;
+                            (if ng { Outcome::Ng } else { Outcome::Ok }, score, None)
+                        }
+                        Ok((score, _)) => {
+                            consecutive_errors += 1;
+                            (Outcome::Err, score, Some(ErrCause::Inference))
+                        }
+                        Err(cause) => {
+                            consecutive_errors += 1;
+                            (Outcome::Err, f32::NAN, Some(cause))
+                        }
+                    });
+                    if consecutive_errors >= timing.fault_after && st.state == LineState::Running {
+                        st.state = LineState::Faulted;
+                        st.error_code = match r {
+                            Err(c) => c as u16,
+                            Ok(_) => ErrCause::Inference as u16,
+                        };
+                    }
+                }
+                None => st.counters.late_results = st.counters.late_results.wrapping_add(1),
+            },
+            Ok(Event::Command(c)) => match c {
+                Command::ClearCounters => {
+                    st.counters = Counters::default();
+                }
+                Command::FaultAck => {
+                    st.overrun_latched = false;
+                    if st.state == LineState::Faulted {
+                        consecutive_errors = 0;
+                        st.error_code = 0;
+                        st.state = if timing.auto_online {
+                            LineState::Running
+                        } else {
+                            LineState::Ready
+                        };
+                    }
+                }
+                Command::Online(on) => {
+                    if matches!(st.state, LineState::Ready | LineState::Running) {
+                        st.state = if on {
+                            LineState::Running
+                        } else {
+                            LineState::Ready
+                        };
+                    }
+                }
+            },
+            Ok(Event::SelfTest(r)) => {
+                if matches!(st.state, LineState::Booting | LineState::SelfTest) {
+                    match r {
+                        Ok(()) => {
+                            st.error_code = 0;
+                            st.state = if timing.auto_online {
+                                LineState::Running
+                            } else {
+                                LineState::Ready
+                            };
+                        }
+                        Err(code) => {
+                            st.error_code = code;
+                            st.state = LineState::Faulted;
+                        }
+                    }
+                }
+            }
+            Ok(Event::Shutdown) => st.state = LineState::Draining,
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => st.state = LineState::Draining,
+        }
+        // Deadlines: any unresolved entry past its deadline is ERR (line-side.md §6.3).
+        for e in fifo.iter_mut() {
+            if e.result.is_none() && now >= e.t0 + timing.deadline {
+                e.result = Some((Outcome::Err, f32::NAN, Some(ErrCause::Deadline)));
+            }
+        }
+        // Emit from the head, in tag order.
+        while fifo.front().is_some_and(|e| e.result.is_some()) {
+            let e = fifo.pop_front().expect("front exists");
+            let (outcome, score, cause) = e.result.expect("resolved");
+            let rec = ResultRecord {
+                tag: e.tag,
+                outcome,
+                score,
+                ms: ms_since(e.t0, now),
+                cause,
+            };
+            st.record(&rec);
+            for s in sinks.iter_mut() {
+                s.emit(&rec);
+            }
+        }
+        let up = now.duration_since(start);
+        st.heartbeat = (up.as_millis() / 500) % 2 == 1;
+        st.heartbeat_count = (up.as_secs() % 65536) as u16;
+        st.uptime_s = up.as_secs() as u32;
+        st.in_flight = fifo.len().min(u16::MAX as usize) as u16;
+        if st.state != last_state {
+            log::info!("line state {:?} → {:?}", last_state, st.state);
+            for s in sinks.iter_mut() {
+                s.state(st.state);
+            }
+            last_state = st.state;
+        }
+        if let Ok(mut shared) = status.lock() {
+            *shared = st.clone();
+        }
+        if st.state == LineState::Draining && fifo.is_empty() {
+            return st.counters;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Scores tag n as n/100, NG when the tag is a multiple of 5; stalls or fails on request.
+    struct Fake {
+        delay: Duration,
+        stall_tags: Vec<u32>,
+        fail_tags: Vec<u32>,
+    }
+    impl Stage for Fake {
+        fn inspect(&mut self, tag: u32) -> StageResult {
+            if self.stall_tags.contains(&tag) {
+                std::thread::sleep(Duration::from_millis(600));
+            }
+            std::thread::sleep(self.delay);
+            if self.fail_tags.contains(&tag) {
+                return Err(ErrCause::Capture);
+            }
+            Ok((tag as f32 / 100.0, tag.is_multiple_of(5)))
+        }
+    }
+
+    struct Collect(Arc<Mutex<Vec<ResultRecord>>>);
+    impl Sink for Collect {
+        fn emit(&mut self, r: &ResultRecord) {
+            self.0.lock().unwrap().push(*r);
+        }
+    }
+
+    fn run(
+        fake: Fake,
+        timing: LineTiming,
+        triggers: u32,
+        gap: Duration,
+    ) -> (Vec<ResultRecord>, Counters) {
+        let out = Arc::new(Mutex::new(Vec::new()));
+        let (h, join) = start(
+            timing,
+            Box::new(fake),
+            vec![Box::new(Collect(out.clone()))],
+            Status::default(),
+        );
+        h.self_test(Ok(()));
+        for _ in 0..triggers {
+            h.trigger();
+            std::thread::sleep(gap);
+        }
+        h.shutdown();
+        let counters = join.join().unwrap();
+        let v = out.lock().unwrap().clone();
+        (v, counters)
+    }
+
+    const TIMING: LineTiming = LineTiming {
+        deadline: Duration::from_millis(200),
+        fifo: 4,
+        auto_online: true,
+        fault_after: 3,
+    };
+
+    #[test]
+    fn every_tag_gets_exactly_one_result_in_order() {
+        let fake = Fake {
+            delay: Duration::from_millis(1),
+            stall_tags: vec![],
+            fail_tags: vec![],
+        };
+        let (v, c) = run(fake, TIMING, 50, Duration::from_millis(3));
+        assert_eq!(
+            v.iter().map(|r| r.tag).collect::<Vec<_>>(),
+            (1..=50).collect::<Vec<_>>()
+        );
+        assert!(v.iter().all(|r| r.outcome != Outcome::Err), "{v:?}");
+        assert_eq!(v.iter().filter(|r| r.outcome == Outcome::Ng).count(), 10);
+        assert_eq!((c.triggers, c.ok, c.ng, c.faults), (50, 40, 10, 0));
+    }
+
+    #[test]
+    fn a_stalled_stage_ends_as_err_at_the_deadline() {
+        let fake = Fake {
+            delay: Duration::ZERO,
+            stall_tags: vec![2],
+            fail_tags: vec![],
+        };
+        let (v, c) = run(fake, TIMING, 3, Duration::from_millis(5));
+        assert_eq!(v.iter().map(|r| r.tag).collect::<Vec<_>>(), vec![1, 2, 3]);
+        assert_eq!(v[0].outcome, Outcome::Ok);
+        // Tag 2 stalls 600 ms > 200 ms deadline; tag 3 waits behind it in the stage and misses too.
+        assert_eq!(v[1].outcome, Outcome::Err);
+        assert_eq!(v[1].cause, Some(ErrCause::Deadline));
+        assert!(v[1].ms >= 200, "{}", v[1].ms);
+        assert_eq!(v[2].cause, Some(ErrCause::Deadline));
+        assert_eq!(c.triggers, c.ok + c.ng + c.faults);
+        assert_eq!(c.faults, 2);
+    }
+
+    #[test]
+    fn overrun_not_running_and_errors_reject_and_count() {
+        // FIFO of 1 and a slow stage: back-to-back triggers overrun.
+        let fake = Fake {
+            delay: Duration::from_millis(50),
+            stall_tags: vec![],
+            fail_tags: vec![],
+        };
+        let t = LineTiming { fifo: 1, ..TIMING };
+        let (v, c) = run(fake, t, 3, Duration::ZERO);
+        assert_eq!(v.len(), 3);
+        assert_eq!(v[0].outcome, Outcome::Ok);
+        assert!(v[1..].iter().all(|r| r.cause == Some(ErrCause::Overrun)));
+        assert_eq!((c.overruns, c.faults), (2, 2));
+
+        // Three consecutive capture errors fault the line; later triggers are rejected at once.
+        let fake = Fake {
+            delay: Duration::ZERO,
+            stall_tags: vec![],
+            fail_tags: vec![1, 2, 3],
+        };
+        let (v, c) = run(fake, TIMING, 5, Duration::from_millis(20));
+        assert_eq!(v.len(), 5);
+        assert!(v[..3].iter().all(|r| r.cause == Some(ErrCause::Capture)));
+        assert!(v[3..].iter().all(|r| r.cause == Some(ErrCause::NotRunning)));
+        assert_eq!(c.faults, 5);
+    }
+
+    #[test]
+    fn triggers_before_the_self_test_are_rejected() {
+        let out = Arc::new(Mutex::new(Vec::new()));
+        let fake = Fake {
+            delay: Duration::ZERO,
+            stall_tags: vec![],
+            fail_tags: vec![],
+        };
+        let (h, join) = start(
+            TIMING,
+            Box::new(fake),
+            vec![Box::new(Collect(out.clone()))],
+            Status::default(),
+        );
+        h.trigger();
+        std::thread::sleep(Duration::from_millis(20));
+        h.self_test(Ok(()));
+        h.trigger();
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(h.status().state, LineState::Running);
+        h.shutdown();
+        join.join().unwrap();
+        let v = out.lock().unwrap().clone();
+        assert_eq!(v[0].cause, Some(ErrCause::NotRunning));
+        assert_eq!(v[1].outcome, Outcome::Ok);
+    }
+}

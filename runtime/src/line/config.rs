@@ -1,0 +1,367 @@
+//! `line.toml`: what `edge-ad run` connects. Unknown fields are refused; every error names the
+//! field. Paths are relative to the config file.
+//!
+//! ```toml
+//! [model]
+//! model = "/usr/share/edge-ad/demo/efficientnet-lite0.toml"
+//! bank = "/var/lib/edge-ad/line1.eab"
+//! threads = 0
+//! [source]
+//! kind = "folder"              # folder | file
+//! path = "/var/lib/edge-ad/replay"
+//! [trigger]
+//! kind = "free_run"            # free_run | external (serial TRIG / Modbus coil only)
+//! rate_hz = 5.0
+//! [timing]
+//! deadline_ms = 500
+//! fifo = 4
+//! [modbus_tcp]
+//! bind = "0.0.0.0:502"
+//! [modbus_rtu]
+//! port = "/dev/edge-ad-serial"
+//! baud = 115200
+//! unit_id = 1
+//! [serial]
+//! port = "/dev/ttyUSB0"
+//! baud = 115200
+//! [log]
+//! results = "/var/lib/edge-ad/results.jsonl"
+//! counters_every_s = 60
+//! ```
+
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+
+/// The whole config.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LineConfig {
+    /// Board profile (`orin-nano`, `agx-orin`, …, `x86-nvidia`, `cpu-only`); checked against
+    /// `/proc/device-tree/compatible` when the device tree exists.
+    #[serde(default)]
+    pub board: Option<String>,
+    /// Model and bank.
+    pub model: ModelSection,
+    /// Where frames come from.
+    pub source: SourceSection,
+    /// What triggers a part.
+    #[serde(default)]
+    pub trigger: TriggerSection,
+    /// Deadline and FIFO.
+    #[serde(default)]
+    pub timing: TimingSection,
+    /// Modbus TCP slave.
+    #[serde(default)]
+    pub modbus_tcp: Option<ModbusTcpSection>,
+    /// Modbus RTU slave on a serial port.
+    #[serde(default)]
+    pub modbus_rtu: Option<ModbusRtuSection>,
+    /// Serial ASCII protocol.
+    #[serde(default)]
+    pub serial: Option<SerialSection>,
+    /// Logging.
+    #[serde(default)]
+    pub log: LogSection,
+}
+
+/// `[model]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    /// Model description.
+    pub model: PathBuf,
+    /// Bank file from `edge-ad calibrate`.
+    pub bank: PathBuf,
+    /// ONNX override.
+    #[serde(default)]
+    pub onnx: Option<PathBuf>,
+    /// Projector weights.
+    #[serde(default)]
+    pub projector: Option<PathBuf>,
+    /// Threads (0 = all cores).
+    #[serde(default)]
+    pub threads: usize,
+    /// cpu | cuda | auto.
+    #[serde(default = "default_device")]
+    pub device: String,
+}
+
+fn default_device() -> String {
+    "auto".into()
+}
+
+/// Frame source kinds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SourceKind {
+    /// The images of a folder, in name order, cycled: replay and soak tests.
+    Folder,
+    /// One image file, every trigger.
+    File,
+}
+
+/// `[source]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceSection {
+    /// folder | file.
+    pub kind: SourceKind,
+    /// Folder or file.
+    pub path: PathBuf,
+}
+
+/// Trigger kinds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum TriggerKind {
+    /// Triggers at a fixed rate.
+    FreeRun,
+    /// Only triggers from the protocols (serial `TRIG`, Modbus TRIGGER coil).
+    #[default]
+    External,
+}
+
+/// `[trigger]`.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct TriggerSection {
+    /// free_run | external.
+    #[serde(default)]
+    pub kind: TriggerKind,
+    /// Free-run rate in triggers per second.
+    #[serde(default)]
+    pub rate_hz: Option<f64>,
+    /// Free-run: stop after this many triggers, drain and exit (tests, soak runs).
+    #[serde(default)]
+    pub count: Option<u64>,
+}
+
+/// `[timing]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TimingSection {
+    /// Trigger → verdict deadline in ms.
+    #[serde(default = "default_deadline")]
+    pub deadline_ms: u64,
+    /// Parts in flight at most.
+    #[serde(default = "default_fifo")]
+    pub fifo: usize,
+    /// Go online after the self-test.
+    #[serde(default = "default_true")]
+    pub auto_online: bool,
+    /// Consecutive capture/inference errors that fault the line.
+    #[serde(default = "default_fault_after")]
+    pub fault_after: u32,
+}
+
+fn default_deadline() -> u64 {
+    500
+}
+fn default_fifo() -> usize {
+    4
+}
+fn default_true() -> bool {
+    true
+}
+fn default_fault_after() -> u32 {
+    3
+}
+
+impl Default for TimingSection {
+    fn default() -> Self {
+        Self {
+            deadline_ms: default_deadline(),
+            fifo: default_fifo(),
+            auto_online: true,
+            fault_after: default_fault_after(),
+        }
+    }
+}
+
+/// `[modbus_tcp]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModbusTcpSection {
+    /// Address to listen on, e.g. `0.0.0.0:502`.
+    pub bind: String,
+    /// Unit id answered besides 0 and 255.
+    #[serde(default = "default_unit")]
+    pub unit_id: u8,
+    /// `high_first` (default) or `low_first` word order of 32-bit registers.
+    #[serde(default = "default_word_order")]
+    pub word_order: String,
+}
+
+fn default_unit() -> u8 {
+    1
+}
+fn default_word_order() -> String {
+    "high_first".into()
+}
+
+/// `[modbus_rtu]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModbusRtuSection {
+    /// Serial device.
+    pub port: PathBuf,
+    /// Baud rate.
+    #[serde(default = "default_baud")]
+    pub baud: u32,
+    /// Slave id 1–247.
+    #[serde(default = "default_unit")]
+    pub unit_id: u8,
+}
+
+fn default_baud() -> u32 {
+    115200
+}
+
+/// `[serial]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SerialSection {
+    /// Serial device.
+    pub port: PathBuf,
+    /// Baud rate.
+    #[serde(default = "default_baud")]
+    pub baud: u32,
+}
+
+/// `[log]`.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct LogSection {
+    /// One JSON line per resolved tag.
+    #[serde(default)]
+    pub results: Option<PathBuf>,
+    /// Counters to the log every N seconds (0 = never).
+    #[serde(default)]
+    pub counters_every_s: u64,
+}
+
+/// Baud rates the serial ports accept.
+pub const BAUDS: [u32; 5] = [9600, 19200, 38400, 57600, 115200];
+
+impl LineConfig {
+    /// Read, parse and validate; relative paths resolved against the file's folder. Returns the
+    /// config and its bytes (for CONFIG_CRC32).
+    pub fn load(path: &Path) -> Result<(Self, Vec<u8>), String> {
+        let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let text = std::str::from_utf8(&bytes)
+            .map_err(|e| format!("{}: not UTF-8: {e}", path.display()))?;
+        let mut c: LineConfig = toml::from_str(text)
+            .map_err(|e| format!("{}: {}", path.display(), e.to_string().trim_end()))?;
+        c.validate()
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        fix(&mut c.model.model);
+        fix(&mut c.model.bank);
+        if let Some(p) = c.model.onnx.as_mut() {
+            fix(p)
+        }
+        if let Some(p) = c.model.projector.as_mut() {
+            fix(p)
+        }
+        fix(&mut c.source.path);
+        if let Some(p) = c.log.results.as_mut() {
+            fix(p)
+        }
+        Ok((c, bytes))
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if let Some(b) = &self.board {
+            edge_ad_boards::profile(b).map_err(|e| format!("board: {e}"))?;
+        }
+        if self.trigger.kind == TriggerKind::FreeRun {
+            match self.trigger.rate_hz {
+                Some(r) if r.is_finite() && r > 0.0 && r <= 1000.0 => {}
+                Some(r) => return Err(format!("trigger.rate_hz: {r} must be in (0, 1000]")),
+                None => return Err("trigger.rate_hz: required with kind = \"free_run\"".into()),
+            }
+        }
+        if self.timing.deadline_ms == 0 {
+            return Err("timing.deadline_ms: must be positive".into());
+        }
+        if self.timing.fifo == 0 {
+            return Err("timing.fifo: must be at least 1".into());
+        }
+        if let Some(t) = &self.modbus_tcp {
+            if !matches!(t.word_order.as_str(), "high_first" | "low_first") {
+                return Err(format!(
+                    "modbus_tcp.word_order: `{}` (expected high_first or low_first)",
+                    t.word_order
+                ));
+            }
+            if !(1..=247).contains(&t.unit_id) {
+                return Err(format!("modbus_tcp.unit_id: {} (1 to 247)", t.unit_id));
+            }
+        }
+        if let Some(r) = &self.modbus_rtu {
+            if !(1..=247).contains(&r.unit_id) {
+                return Err(format!("modbus_rtu.unit_id: {} (1 to 247)", r.unit_id));
+            }
+            if !BAUDS.contains(&r.baud) {
+                return Err(format!("modbus_rtu.baud: {} (one of {BAUDS:?})", r.baud));
+            }
+        }
+        if let Some(s) = &self.serial {
+            if !BAUDS.contains(&s.baud) {
+                return Err(format!("serial.baud: {} (one of {BAUDS:?})", s.baud));
+            }
+        }
+        if let (Some(a), Some(b)) = (&self.serial, &self.modbus_rtu) {
+            if a.port == b.port {
+                return Err(format!(
+                    "serial.port and modbus_rtu.port are both {}: one protocol per port",
+                    a.port.display()
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIN: &str = "[model]\nmodel = \"m.toml\"\nbank = \"b.eab\"\n[source]\nkind = \"folder\"\npath = \"imgs\"\n";
+
+    fn parse(extra: &str) -> Result<LineConfig, String> {
+        let t = tempfile::tempdir().unwrap();
+        let p = t.path().join("line.toml");
+        std::fs::write(&p, format!("{MIN}{extra}")).unwrap();
+        LineConfig::load(&p).map(|c| c.0)
+    }
+
+    #[test]
+    fn minimal_config_has_safe_defaults_and_resolved_paths() {
+        let c = parse("").unwrap();
+        assert_eq!(c.trigger.kind, TriggerKind::External);
+        assert_eq!((c.timing.deadline_ms, c.timing.fifo), (500, 4));
+        assert!(c.model.bank.is_absolute() && c.source.path.ends_with("imgs"));
+    }
+
+    #[test]
+    fn bad_fields_are_named() {
+        let e = parse("[trigger]\nkind = \"free_run\"\n").unwrap_err();
+        assert!(e.contains("trigger.rate_hz"), "{e}");
+        let e = parse("[timing]\ndeadline_ms = 0\n").unwrap_err();
+        assert!(e.contains("timing.deadline_ms"), "{e}");
+        let e = parse("[modbus_tcp]\nbind = \"x\"\nword_order = \"middle\"\n").unwrap_err();
+        assert!(e.contains("word_order") && e.contains("middle"), "{e}");
+        let e = parse("[modbus_rtu]\nport = \"/dev/x\"\nbaud = 1234\n").unwrap_err();
+        assert!(e.contains("modbus_rtu.baud") && e.contains("1234"), "{e}");
+        let e = parse("[source2]\n").unwrap_err();
+        assert!(e.contains("source2"), "{e}");
+        let e = parse("[trigger]\nkind = \"gpio_edge\"\n").unwrap_err();
+        assert!(e.contains("gpio_edge"), "{e}");
+    }
+}

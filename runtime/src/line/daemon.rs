@@ -1,0 +1,287 @@
+//! `edge-ad run --config line.toml`: load model and bank, open the I/O, self-test, then inspect
+//! every trigger until SIGTERM, which drains the parts in flight (each still gets its verdict).
+
+use super::arbiter::{self, LineHandle, LineTiming, Sink, Stage, StageResult};
+use super::config::{LineConfig, SourceKind, TriggerKind};
+use super::server;
+use super::status::{crc32, Counters, ErrCause, LineState, Outcome, ResultRecord, Status};
+use crate::images::list_images;
+use crate::inspector::{Inspector, Verdict};
+use crate::pipeline::{Device, PipelineOptions};
+use crate::preprocess::Rgb8;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::SeqCst);
+}
+
+/// The inspection stage of the daemon: the next frame of the source through the inspector.
+struct InspectStage {
+    inspector: Inspector,
+    frames: Vec<PathBuf>,
+    next: usize,
+}
+
+impl Stage for InspectStage {
+    fn inspect(&mut self, tag: u32) -> StageResult {
+        let p = &self.frames[self.next % self.frames.len()];
+        self.next += 1;
+        let img = Rgb8::open(p).map_err(|e| {
+            log::warn!("tag {tag}: capture: {e}");
+            ErrCause::Capture
+        })?;
+        let (insp, verdict) = self.inspector.inspect(&img, p).map_err(|e| {
+            log::warn!("tag {tag}: inference: {e}");
+            ErrCause::Inference
+        })?;
+        Ok((insp.score, verdict == Verdict::Ng))
+    }
+}
+
+/// One JSON line per resolved tag.
+struct JsonlSink(std::io::BufWriter<std::fs::File>);
+
+impl Sink for JsonlSink {
+    fn emit(&mut self, r: &ResultRecord) {
+        let line = serde_json::json!({
+            "tag": r.tag, "outcome": r.outcome, "score": if r.score.is_finite() { Some(r.score) } else { None },
+            "ms": r.ms, "cause": r.cause,
+        });
+        let _ = writeln!(self.0, "{line}");
+        let _ = self.0.flush();
+    }
+}
+
+/// NG and ERR parts in the log.
+struct LogSink;
+
+impl Sink for LogSink {
+    fn emit(&mut self, r: &ResultRecord) {
+        match r.outcome {
+            Outcome::Ok => log::debug!("tag {} OK {:.3} {} ms", r.tag, r.score, r.ms),
+            Outcome::Ng => log::info!("tag {} NG {:.3} {} ms", r.tag, r.score, r.ms),
+            Outcome::Err => log::warn!("tag {} ERR ({:?}) {} ms", r.tag, r.cause, r.ms),
+        }
+    }
+    fn state(&mut self, s: LineState) {
+        log::info!("line {}", server::state_word(s));
+    }
+}
+
+/// Errors of starting the daemon (bad config, model, bank, source): nothing runs.
+pub type StartError = String;
+
+/// Run the line until SIGTERM/SIGINT or, in free-run with `trigger.count`, until that many
+/// triggers are resolved. Returns the final counters.
+pub fn run(config_path: &Path) -> Result<Counters, StartError> {
+    let (cfg, cfg_bytes) = LineConfig::load(config_path)?;
+    if let Some(name) = &cfg.board {
+        let profile = edge_ad_boards::profile(name).map_err(|e| e.to_string())?;
+        let dt = Path::new("/proc/device-tree/compatible");
+        if let Ok(bytes) = std::fs::read(dt) {
+            edge_ad_boards::check(&profile, &bytes)
+                .map_err(|e| format!("{}: {e}", config_path.display()))?;
+        }
+        log::info!("board profile {} ({})", profile.name, profile.title);
+    }
+    let frames = match cfg.source.kind {
+        SourceKind::Folder => list_images(&cfg.source.path).map_err(|e| e.to_string())?,
+        SourceKind::File => vec![cfg.source.path.clone()],
+    };
+    if frames.is_empty() {
+        return Err(format!(
+            "source.path {}: no image files",
+            cfg.source.path.display()
+        ));
+    }
+    let device: Device = cfg
+        .model
+        .device
+        .parse()
+        .map_err(|e| format!("{}: model.device: {e}", config_path.display()))?;
+    let opts = PipelineOptions {
+        model: cfg.model.model.clone(),
+        onnx: cfg.model.onnx.clone(),
+        projector: cfg.model.projector.clone(),
+        threads: cfg.model.threads,
+        fit: None,
+        device,
+    };
+    let bank_bytes = std::fs::read(&cfg.model.bank)
+        .map_err(|e| format!("model.bank {}: {e}", cfg.model.bank.display()))?;
+    let mut inspector = Inspector::load(&opts, &cfg.model.bank).map_err(|e| e.to_string())?;
+
+    // Self-test (line-side.md §6.2): the model scores the first source frame to a finite number.
+    let first = &frames[0];
+    let self_test = Rgb8::open(first)
+        .map_err(|e| {
+            log::error!("self-test: {e}");
+            ErrCause::Capture as u16
+        })
+        .and_then(|img| {
+            inspector
+                .inspect(&img, first)
+                .map_err(|e| {
+                    log::error!("self-test: {e}");
+                    0x0402
+                })
+                .and_then(|(i, _)| {
+                    if i.score.is_finite() {
+                        Ok(())
+                    } else {
+                        log::error!("self-test: score {} is not finite", i.score);
+                        Err(0x0402)
+                    }
+                })
+        });
+
+    let mut status = Status {
+        state: LineState::SelfTest,
+        config_crc: crc32(&cfg_bytes),
+        bank_crc: crc32(&bank_bytes),
+        ..Default::default()
+    };
+    let hwf = cfg
+        .modbus_tcp
+        .as_ref()
+        .is_none_or(|t| t.word_order == "high_first");
+    status.high_word_first = hwf;
+    let mut sinks: Vec<Box<dyn Sink>> = vec![Box::new(LogSink)];
+    if let Some(p) = &cfg.log.results {
+        let f =
+            std::fs::File::create(p).map_err(|e| format!("log.results {}: {e}", p.display()))?;
+        sinks.push(Box::new(JsonlSink(std::io::BufWriter::new(f))));
+    }
+    // I/O that fails to open leaves the line Faulted (READY low) with the reason logged and on
+    // the error register, instead of a restart loop.
+    let mut io_error: Option<u16> = None;
+    let serial = match &cfg.serial {
+        None => None,
+        Some(s) => match server::open_serial(&s.port, s.baud).and_then(|f| Ok((f.try_clone()?, f)))
+        {
+            Ok((r, w)) => {
+                let w = Arc::new(Mutex::new(w));
+                sinks.push(Box::new(server::SerialSink(w.clone())));
+                Some((r, w))
+            }
+            Err(e) => {
+                log::error!("serial.port {}: {e}", s.port.display());
+                io_error = Some(0x0501);
+                None
+            }
+        },
+    };
+    let rtu = match &cfg.modbus_rtu {
+        None => None,
+        Some(r) => match server::open_serial(&r.port, r.baud) {
+            Ok(f) => Some((f, r.unit_id)),
+            Err(e) => {
+                log::error!("modbus_rtu.port {}: {e}", r.port.display());
+                io_error = Some(0x0501);
+                None
+            }
+        },
+    };
+    let tcp = match &cfg.modbus_tcp {
+        None => None,
+        Some(t) => Some((
+            std::net::TcpListener::bind(&t.bind)
+                .map_err(|e| format!("modbus_tcp.bind {}: {e}", t.bind))?,
+            t.unit_id,
+        )),
+    };
+
+    let timing = LineTiming {
+        deadline: Duration::from_millis(cfg.timing.deadline_ms),
+        fifo: cfg.timing.fifo,
+        auto_online: cfg.timing.auto_online,
+        fault_after: cfg.timing.fault_after,
+    };
+    let stage = InspectStage {
+        inspector,
+        frames,
+        next: 0,
+    };
+    let (handle, join) = arbiter::start(timing, Box::new(stage), sinks, status);
+    if let Some((listener, unit)) = tcp {
+        let h = handle.clone();
+        std::thread::spawn(move || server::serve_tcp(listener, h, unit, hwf));
+    }
+    if let Some((port, unit)) = rtu {
+        let h = handle.clone();
+        std::thread::spawn(move || server::serve_rtu(port, h, unit, hwf));
+    }
+    if let Some((r, w)) = serial {
+        let h = handle.clone();
+        std::thread::spawn(move || server::serve_serial_commands(r, w, h));
+    }
+    handle.self_test(match (self_test, io_error) {
+        (Err(c), _) | (Ok(()), Some(c)) => Err(c),
+        (Ok(()), None) => Ok(()),
+    });
+
+    // SAFETY: installing a handler that only stores to an atomic.
+    unsafe {
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+    }
+    if cfg.trigger.kind == TriggerKind::FreeRun {
+        let rate = cfg.trigger.rate_hz.unwrap_or(1.0);
+        let count = cfg.trigger.count;
+        let h = handle.clone();
+        std::thread::spawn(move || free_run(h, rate, count));
+    }
+    let every = Duration::from_secs(cfg.log.counters_every_s);
+    let mut last_log = Instant::now();
+    let mut stopping = false;
+    while !join.is_finished() {
+        std::thread::sleep(Duration::from_millis(20));
+        if STOP.load(Ordering::SeqCst) && !stopping {
+            log::info!("signal: draining the parts in flight");
+            handle.shutdown();
+            stopping = true;
+        }
+        if !every.is_zero() && last_log.elapsed() >= every {
+            last_log = Instant::now();
+            let s = handle.status();
+            log::info!(
+                "counters {:?} state {}",
+                s.counters,
+                server::state_word(s.state)
+            );
+        }
+    }
+    join.join()
+        .map_err(|_| "the arbiter thread panicked".to_string())
+}
+
+fn free_run(h: LineHandle, rate: f64, count: Option<u64>) {
+    let period = Duration::from_secs_f64(1.0 / rate);
+    // Wait for the self-test so that a bounded run inspects every part it counts.
+    let t = Instant::now();
+    while h.status().state == LineState::SelfTest && t.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let mut next = Instant::now();
+    let mut n = 0u64;
+    while count.is_none_or(|c| n < c) && !STOP.load(Ordering::SeqCst) {
+        h.trigger();
+        n += 1;
+        next += period;
+        let now = Instant::now();
+        if next > now {
+            std::thread::sleep(next - now);
+        } else {
+            next = now;
+        }
+    }
+    if count.is_some() {
+        h.shutdown();
+    }
+}

@@ -1,0 +1,15 @@
+//! The line (line-side.md): triggers in, verdicts out to the PLC, and the fail-safe rule that a
+//! part is accepted only when edge-ad positively said OK for its tag in time.
+//!
+//! - [`arbiter`]: tags, the FIFO of parts in flight, deadlines, the state machine;
+//! - [`status`]: counters, states and the Modbus register image;
+//! - [`modbus`]: Modbus PDU logic, RTU framing, CRCs;
+//! - [`server`]: Modbus TCP and RTU servers and the serial ASCII protocol;
+//! - [`config`] and [`daemon`]: `edge-ad run --config line.toml`.
+
+pub mod arbiter;
+pub mod config;
+pub mod daemon;
+pub mod modbus;
+pub mod server;
+pub mod status;

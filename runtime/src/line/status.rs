@@ -1,0 +1,412 @@
+//! The line's observable state: fail-safe state, error code, counters, the last results; and its
+//! Modbus register image (line-side.md §5.3). The arbiter owns a [`Status`]; servers read
+//! [`Registers`] snapshots of it.
+
+use std::collections::VecDeque;
+
+/// Fail-safe states (line-side.md §6.1); the number is register STATE.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LineState {
+    /// Process starting.
+    Booting = 0,
+    /// Checking model, bank, source and outputs.
+    SelfTest = 1,
+    /// Ready but offline: triggers are rejected.
+    Ready = 2,
+    /// Inspecting.
+    Running = 3,
+    /// A fault: every trigger is rejected until it clears.
+    Faulted = 4,
+    /// Shutting down: parts in flight finish, new triggers are rejected.
+    Draining = 5,
+}
+
+impl LineState {
+    /// READY output / status bit: only in Ready and Running.
+    pub fn ready(self) -> bool {
+        matches!(self, LineState::Ready | LineState::Running)
+    }
+}
+
+/// Outcome of one tag. ERR = "cannot tell": rejected like NG.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum Outcome {
+    /// Good part.
+    #[serde(rename = "OK")]
+    Ok = 1,
+    /// Anomalous part.
+    #[serde(rename = "NG")]
+    Ng = 2,
+    /// No valid verdict in time (deadline, capture or inference error, overrun, not running).
+    #[serde(rename = "ERR")]
+    Err = 3,
+}
+
+impl Outcome {
+    /// The protocol word.
+    pub fn word(self) -> &'static str {
+        match self {
+            Outcome::Ok => "OK",
+            Outcome::Ng => "NG",
+            Outcome::Err => "ERR",
+        }
+    }
+}
+
+/// Why a tag is ERR, and the error register's code (line-side.md §5.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrCause {
+    /// No verdict by the deadline (0x0601).
+    Deadline = 0x0601,
+    /// FIFO full at the trigger (0x0602).
+    Overrun = 0x0602,
+    /// The frame could not be captured or read (0x0203).
+    Capture = 0x0203,
+    /// Inference failed or gave a non-finite score (0x0403).
+    Inference = 0x0403,
+    /// The line was not Running (offline, faulted, draining).
+    NotRunning = 0x0001,
+}
+
+/// One resolved tag: what every sink receives, in tag order.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct ResultRecord {
+    /// The part's tag (1, 2, …; wraps to 1).
+    pub tag: u32,
+    /// OK / NG / ERR.
+    pub outcome: Outcome,
+    /// Image score (NaN for ERR).
+    pub score: f32,
+    /// Trigger → resolution, milliseconds.
+    pub ms: u32,
+    /// Why ERR.
+    pub cause: Option<ErrCause>,
+}
+
+/// Counters since start or the last CLEAR.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Counters {
+    /// Tags created.
+    pub triggers: u32,
+    /// OK verdicts.
+    pub ok: u32,
+    /// NG verdicts.
+    pub ng: u32,
+    /// ERR verdicts.
+    pub faults: u32,
+    /// Triggers with the FIFO full.
+    pub overruns: u32,
+    /// Verdicts that arrived after their tag was resolved ERR (dropped).
+    pub late_results: u32,
+    /// Processing time statistics (ms) over resolved tags.
+    pub proc_min_ms: u32,
+    /// Largest processing time.
+    pub proc_max_ms: u32,
+    /// Sum of processing times (for the mean).
+    pub proc_sum_ms: u64,
+}
+
+/// Coils (line-side.md §5.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Coil {
+    /// Write 1: software trigger.
+    Trigger = 0,
+    /// Online (Running) or offline (Ready).
+    Online = 1,
+    /// Write 1: clear counters.
+    ClearCounters = 2,
+    /// Write 1: acknowledge a fault.
+    FaultAck = 3,
+}
+
+impl Coil {
+    /// The coil at a protocol address.
+    pub fn from_address(a: u16) -> Option<Self> {
+        match a {
+            0 => Some(Coil::Trigger),
+            1 => Some(Coil::Online),
+            2 => Some(Coil::ClearCounters),
+            3 => Some(Coil::FaultAck),
+            _ => None,
+        }
+    }
+}
+
+/// Everything the registers show; owned by the arbiter.
+#[derive(Debug, Clone)]
+pub struct Status {
+    /// Fail-safe state.
+    pub state: LineState,
+    /// Most severe active error (0 = none).
+    pub error_code: u16,
+    /// Counters.
+    pub counters: Counters,
+    /// Results, newest first (at most 8).
+    pub ring: VecDeque<ResultRecord>,
+    /// +1 per resolved tag.
+    pub result_seq: u16,
+    /// Tags in flight.
+    pub in_flight: u16,
+    /// Overrun latched until FAULT_ACK.
+    pub overrun_latched: bool,
+    /// Toggles every 500 ms while the process is alive.
+    pub heartbeat: bool,
+    /// +1 per second.
+    pub heartbeat_count: u16,
+    /// Seconds since start.
+    pub uptime_s: u32,
+    /// CRC-32 of the config file bytes.
+    pub config_crc: u32,
+    /// CRC-32 of the bank file bytes.
+    pub bank_crc: u32,
+    /// High word first (default) or low word first for 32-bit values.
+    pub high_word_first: bool,
+    /// GPIO ABI in use (0 = none).
+    pub gpio_abi: u16,
+}
+
+impl Default for Status {
+    fn default() -> Self {
+        Self {
+            state: LineState::Booting,
+            error_code: 0,
+            counters: Counters::default(),
+            ring: VecDeque::new(),
+            result_seq: 0,
+            in_flight: 0,
+            overrun_latched: false,
+            heartbeat: false,
+            heartbeat_count: 0,
+            uptime_s: 0,
+            config_crc: 0,
+            bank_crc: 0,
+            high_word_first: true,
+            gpio_abi: 0,
+        }
+    }
+}
+
+impl Status {
+    /// Count a resolved tag and keep it in the ring.
+    pub fn record(&mut self, r: &ResultRecord) {
+        let c = &mut self.counters;
+        match r.outcome {
+            Outcome::Ok => c.ok = c.ok.wrapping_add(1),
+            Outcome::Ng => c.ng = c.ng.wrapping_add(1),
+            Outcome::Err => c.faults = c.faults.wrapping_add(1),
+        }
+        let resolved = c.ok as u64 + c.ng as u64 + c.faults as u64;
+        c.proc_min_ms = if resolved == 1 {
+            r.ms
+        } else {
+            c.proc_min_ms.min(r.ms)
+        };
+        c.proc_max_ms = c.proc_max_ms.max(r.ms);
+        c.proc_sum_ms += r.ms as u64;
+        self.result_seq = self.result_seq.wrapping_add(1);
+        self.ring.push_front(*r);
+        self.ring.truncate(8);
+    }
+
+    /// The register image of this status.
+    pub fn registers(&self) -> Registers {
+        let mut w = [0u16; 240];
+        let last = self.ring.front();
+        let mut status = 0u16;
+        let bits = [
+            self.state.ready(),
+            self.state == LineState::Running,
+            self.state == LineState::Faulted,
+            self.in_flight > 0,
+            self.heartbeat,
+            self.overrun_latched,
+            self.state == LineState::Draining,
+            last.is_some_and(|r| r.outcome == Outcome::Ok),
+            last.is_some_and(|r| r.outcome == Outcome::Ng),
+            last.is_some_and(|r| r.outcome == Outcome::Err),
+        ];
+        for (i, b) in bits.iter().enumerate() {
+            if *b {
+                status |= 1 << i;
+            }
+        }
+        let put32 = |w: &mut [u16; 240], a: usize, v: u32| {
+            let (hi, lo) = ((v >> 16) as u16, v as u16);
+            if self.high_word_first {
+                w[a] = hi;
+                w[a + 1] = lo;
+            } else {
+                w[a] = lo;
+                w[a + 1] = hi;
+            }
+        };
+        let score1000 = |r: &ResultRecord| {
+            if r.outcome == Outcome::Err || !r.score.is_finite() {
+                65535
+            } else {
+                (r.score as f64 * 1000.0).round().clamp(0.0, 65534.0) as u16
+            }
+        };
+        w[0] = status;
+        w[1] = self.state as u16;
+        w[2] = self.error_code;
+        w[3] = self.result_seq;
+        if let Some(r) = last {
+            put32(&mut w, 4, r.tag);
+            w[6] = r.outcome as u16;
+            w[7] = score1000(r);
+            w[8] = r.ms.min(65535) as u16;
+        }
+        let c = &self.counters;
+        put32(&mut w, 10, c.triggers);
+        put32(&mut w, 12, c.ok);
+        put32(&mut w, 14, c.ng);
+        put32(&mut w, 16, c.faults);
+        put32(&mut w, 18, c.overruns);
+        let resolved = c.ok as u64 + c.ng as u64 + c.faults as u64;
+        w[20] = c.proc_min_ms.min(65535) as u16;
+        w[21] = c.proc_max_ms.min(65535) as u16;
+        w[22] = c.proc_sum_ms.checked_div(resolved).unwrap_or(0).min(65535) as u16;
+        w[23] = self.in_flight;
+        put32(&mut w, 24, self.config_crc);
+        put32(&mut w, 26, self.bank_crc);
+        w[28] = 0;
+        w[29] = self.heartbeat_count;
+        put32(&mut w, 30, self.uptime_s);
+        w[32] = self.gpio_abi;
+        for (i, r) in self.ring.iter().enumerate() {
+            let a = 200 + 5 * i;
+            put32(&mut w, a, r.tag);
+            w[a + 2] = r.outcome as u16;
+            w[a + 3] = score1000(r);
+            w[a + 4] = r.ms.min(65535) as u16;
+        }
+        Registers {
+            words: w,
+            online: self.state == LineState::Running,
+        }
+    }
+}
+
+/// A snapshot of the register map.
+#[derive(Debug, Clone)]
+pub struct Registers {
+    words: [u16; 240],
+    online: bool,
+}
+
+impl Registers {
+    /// Register `addr` (input registers; `holding` also serves 100–101). `None` = illegal address.
+    pub fn register(&self, addr: usize, holding: bool) -> Option<u16> {
+        match addr {
+            0..=99 | 200..=239 => Some(self.words[addr]),
+            100 | 101 if holding => Some(0),
+            _ => None,
+        }
+    }
+    /// Holding registers a master may write.
+    pub fn writable(addr: u16) -> bool {
+        matches!(addr, 100 | 101)
+    }
+    /// Coil `addr`: TRIGGER, CLEAR and FAULT_ACK read 0 (self-clearing); ONLINE the state.
+    pub fn coil(&self, addr: usize) -> Option<bool> {
+        match addr {
+            0 | 2 | 3 => Some(false),
+            1 => Some(self.online),
+            _ => None,
+        }
+    }
+    /// Discrete input `addr`: 0 READY, 1 ONLINE, 2 FAULTED, 3 BUSY, 4 HEARTBEAT, 5 LAST_OK,
+    /// 6 OVERRUN.
+    pub fn discrete(&self, addr: usize) -> Option<bool> {
+        let s = self.words[0];
+        let bit = |b: u16| s & (1 << b) != 0;
+        Some(match addr {
+            0 => bit(0),
+            1 => bit(1),
+            2 => bit(2),
+            3 => bit(3),
+            4 => bit(4),
+            5 => bit(7),
+            6 => bit(5),
+            _ => return None,
+        })
+    }
+}
+
+/// CRC-32 (IEEE) of bytes, for CONFIG_CRC32 and BANK_CRC32.
+pub fn crc32(data: &[u8]) -> u32 {
+    let mut crc = 0xFFFF_FFFFu32;
+    for &b in data {
+        crc ^= b as u32;
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn crc32_check_value() {
+        assert_eq!(crc32(b"123456789"), 0xCBF4_3926);
+    }
+
+    #[test]
+    fn registers_follow_the_map_in_both_word_orders() {
+        let mut s = Status {
+            state: LineState::Running,
+            ..Default::default()
+        };
+        s.counters.triggers = 0x0001_0002;
+        s.record(&ResultRecord {
+            tag: 70000,
+            outcome: Outcome::Ng,
+            score: 0.9126,
+            ms: 48,
+            cause: None,
+        });
+        let r = s.registers();
+        assert_eq!(r.register(1, false), Some(3));
+        assert_eq!(r.register(0, false).unwrap() & 0b11, 0b11); // READY, ONLINE
+        assert_eq!(r.register(0, false).unwrap() & (1 << 8), 1 << 8); // LAST_NG
+        assert_eq!(
+            (r.register(4, false), r.register(5, false)),
+            (Some(1), Some(4464))
+        );
+        assert_eq!(r.register(6, false), Some(2));
+        assert_eq!(r.register(7, false), Some(913));
+        assert_eq!(r.register(8, false), Some(48));
+        assert_eq!(
+            (r.register(10, false), r.register(11, false)),
+            (Some(1), Some(2))
+        );
+        assert_eq!(
+            r.register(14, false).zip(r.register(15, false)),
+            Some((0, 1))
+        );
+        assert_eq!(r.register(200, true), Some(1));
+        assert_eq!(r.register(99, false), Some(0));
+        assert_eq!(r.register(100, false), None);
+        assert_eq!(r.register(100, true), Some(0));
+        assert_eq!(r.register(150, true), None);
+        s.high_word_first = false;
+        let r = s.registers();
+        assert_eq!(
+            (r.register(4, false), r.register(5, false)),
+            (Some(4464), Some(1))
+        );
+        assert_eq!(r.discrete(0), Some(true));
+        assert_eq!(r.coil(1), Some(true));
+        assert_eq!(r.coil(9), None);
+    }
+}
