@@ -17,6 +17,8 @@ command -v sha256sum >/dev/null || need_apt+=(coreutils)
 command -v cc >/dev/null || need_apt+=(gcc)
 # socat: linked pseudo-terminal pairs for the serial and Modbus RTU tests.
 command -v socat >/dev/null || need_apt+=(socat)
+# libclang: bindgen generates the V4L2 bindings (crate v4l2-sys-mit) at build time.
+ls /usr/lib/*/libclang-[0-9]*.so* /usr/lib/llvm-*/lib/libclang.so* >/dev/null 2>&1 || need_apt+=(libclang-dev)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: apt-get install ${need_apt[*]}"
   export DEBIAN_FRONTEND=noninteractive
@@ -29,7 +31,7 @@ if [ ! -x .venv/bin/python ]; then
   echo "setup: creating .venv"
   python3 -m venv .venv
 fi
-if ! .venv/bin/python -c 'import onnxruntime, onnx, numpy, PIL, nvidia.cuda_nvrtc, sklearn, pymodbus, serial' 2>/dev/null; then
+if ! .venv/bin/python -c 'import onnxruntime, onnx, numpy, PIL, nvidia.cuda_nvrtc, sklearn, pymodbus, serial, imageio_ffmpeg' 2>/dev/null; then
   echo "setup: pip install test tools into .venv"
   .venv/bin/pip install --quiet --disable-pip-version-check -r tools/requirements-test.txt
 fi

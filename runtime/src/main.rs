@@ -224,6 +224,8 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// List the V4L2 capture devices with their pixel formats, sizes and frame rates.
+    Cameras,
     /// Time the pipeline per stage on real images and compare the kernels with this machine's SGEMM.
     ///
     /// The first --refs images of --images (sorted) build the bank; the others are cycled as
@@ -537,6 +539,22 @@ fn run(cli: Cli) -> Result<()> {
                     "{failures} of {} images could not be inspected",
                     files.len()
                 );
+            }
+        }
+        Command::Cameras => {
+            let cams = edge_ad::line::camera::list_cameras();
+            if cams.is_empty() {
+                println!("no V4L2 capture devices (/dev/video*)");
+            }
+            for c in cams {
+                println!("{}  {}", c.path.display(), c.name);
+                for (fourcc, desc, sizes) in c.formats {
+                    println!("  {fourcc}  {desc}");
+                    for (w, h, fps) in sizes {
+                        let f: Vec<String> = fps.iter().map(|f| format!("{f:.0}")).collect();
+                        println!("    {w}×{h} @ {} fps", f.join(", "));
+                    }
+                }
             }
         }
         Command::Run { config } => {

@@ -450,6 +450,17 @@ fn bad_line_configs_are_refused_by_name() {
     let log = d.wait_ok();
     assert!(log.contains("/dev/edge-ad-no-such-port"), "{log}");
     assert!(log.contains("3 triggers: 0 OK, 0 NG, 3 ERR"), "{log}");
+    // GPIO outputs on a chip that does not exist: Faulted, the label named.
+    let cfg = write_config(
+        t.path(),
+        &b,
+        &src,
+        "[gpio]\npass = { chip = \"edge-ad-no-such-chip\", offset = 3 }\n[trigger]\nkind = \"free_run\"\nrate_hz = 50\ncount = 2\n",
+    );
+    let mut d = Daemon::start(&cfg);
+    let log = d.wait_ok();
+    assert!(log.contains("edge-ad-no-such-chip"), "{log}");
+    assert!(log.contains("2 triggers: 0 OK, 0 NG, 2 ERR"), "{log}");
 }
 
 /// Soak (short in CI; `EDGE_AD_SOAK=100000 EDGE_AD_SOAK_RATE=200` for the full run): free-run triggers through the

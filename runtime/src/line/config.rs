@@ -59,6 +59,9 @@ pub struct LineConfig {
     /// Serial ASCII protocol.
     #[serde(default)]
     pub serial: Option<SerialSection>,
+    /// GPIO trigger input and PLC outputs.
+    #[serde(default)]
+    pub gpio: Option<GpioSection>,
     /// Logging.
     #[serde(default)]
     pub log: LogSection,
@@ -98,16 +101,30 @@ pub enum SourceKind {
     Folder,
     /// One image file, every trigger.
     File,
+    /// A V4L2 camera (MMAP streaming); `path` is the device node.
+    V4l2,
 }
 
 /// `[source]`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SourceSection {
-    /// folder | file.
+    /// folder | file | v4l2.
     pub kind: SourceKind,
-    /// Folder or file.
+    /// Folder, file, or video device node.
     pub path: PathBuf,
+    /// v4l2: pixel format (yuyv, nv12, grey, rgb24, mjpeg).
+    #[serde(default)]
+    pub format: Option<super::pixels::PixelFormat>,
+    /// v4l2: frame width.
+    #[serde(default)]
+    pub width: Option<u32>,
+    /// v4l2: frame height.
+    #[serde(default)]
+    pub height: Option<u32>,
+    /// v4l2: frames per second.
+    #[serde(default)]
+    pub fps: Option<u32>,
 }
 
 /// Trigger kinds.
@@ -119,6 +136,8 @@ pub enum TriggerKind {
     /// Only triggers from the protocols (serial `TRIG`, Modbus TRIGGER coil).
     #[default]
     External,
+    /// Edges on the `gpio.trigger` input (photo-eye through an opto board), plus the protocols.
+    Gpio,
 }
 
 /// `[trigger]`.
@@ -228,6 +247,55 @@ pub struct SerialSection {
     pub baud: u32,
 }
 
+/// `[gpio]`: pins are header numbers (with `board`) or `{ chip = "label", offset = n }`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GpioSection {
+    /// Trigger input (with `trigger.kind = "gpio"`).
+    #[serde(default)]
+    pub trigger: Option<super::gpio::PinSpec>,
+    /// PASS output (energised for OK).
+    #[serde(default)]
+    pub pass: Option<super::gpio::PinSpec>,
+    /// STROBE output.
+    #[serde(default)]
+    pub strobe: Option<super::gpio::PinSpec>,
+    /// READY output.
+    #[serde(default)]
+    pub ready: Option<super::gpio::PinSpec>,
+    /// HEARTBEAT output.
+    #[serde(default)]
+    pub heartbeat: Option<super::gpio::PinSpec>,
+    /// FAULT output.
+    #[serde(default)]
+    pub fault: Option<super::gpio::PinSpec>,
+    /// Timed REJECT output.
+    #[serde(default)]
+    pub reject: Option<super::gpio::PinSpec>,
+    /// STROBE width.
+    #[serde(default = "default_strobe")]
+    pub strobe_ms: u64,
+    /// REJECT pulse start after the trigger.
+    #[serde(default)]
+    pub reject_delay_ms: u64,
+    /// REJECT pulse width.
+    #[serde(default = "default_reject")]
+    pub reject_ms: u64,
+    /// Kernel debounce of the trigger input.
+    #[serde(default = "default_debounce")]
+    pub debounce_ms: u64,
+}
+
+fn default_strobe() -> u64 {
+    20
+}
+fn default_reject() -> u64 {
+    50
+}
+fn default_debounce() -> u64 {
+    2
+}
+
 /// `[log]`.
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -268,7 +336,9 @@ impl LineConfig {
         if let Some(p) = c.model.projector.as_mut() {
             fix(p)
         }
-        fix(&mut c.source.path);
+        if c.source.kind != SourceKind::V4l2 {
+            fix(&mut c.source.path);
+        }
         if let Some(p) = c.log.results.as_mut() {
             fix(p)
         }
@@ -276,6 +346,15 @@ impl LineConfig {
     }
 
     fn validate(&self) -> Result<(), String> {
+        if self.source.kind == SourceKind::V4l2 {
+            if self.source.width.is_none_or(|w| w == 0) || self.source.height.is_none_or(|h| h == 0)
+            {
+                return Err("source.width and source.height: required for kind = \"v4l2\"".into());
+            }
+            if self.source.fps == Some(0) {
+                return Err("source.fps: must be positive".into());
+            }
+        }
         if let Some(b) = &self.board {
             edge_ad_boards::profile(b).map_err(|e| format!("board: {e}"))?;
         }
@@ -284,6 +363,16 @@ impl LineConfig {
                 Some(r) if r.is_finite() && r > 0.0 && r <= 1000.0 => {}
                 Some(r) => return Err(format!("trigger.rate_hz: {r} must be in (0, 1000]")),
                 None => return Err("trigger.rate_hz: required with kind = \"free_run\"".into()),
+            }
+        }
+        if self.trigger.kind == TriggerKind::Gpio
+            && self.gpio.as_ref().is_none_or(|g| g.trigger.is_none())
+        {
+            return Err("trigger.kind = \"gpio\" needs gpio.trigger (the input pin)".into());
+        }
+        if let Some(g) = &self.gpio {
+            if g.strobe_ms == 0 {
+                return Err("gpio.strobe_ms: must be positive".into());
             }
         }
         if self.timing.deadline_ms == 0 {
@@ -361,6 +450,12 @@ mod tests {
         assert!(e.contains("modbus_rtu.baud") && e.contains("1234"), "{e}");
         let e = parse("[source2]\n").unwrap_err();
         assert!(e.contains("source2"), "{e}");
+        let e = parse("[trigger]\nkind = \"gpio\"\n").unwrap_err();
+        assert!(e.contains("gpio.trigger"), "{e}");
+        let c = parse("[trigger]\nkind = \"gpio\"\n[gpio]\ntrigger = 29\npass = { chip = \"tegra234-gpio\", offset = 106 }\n").unwrap();
+        let g = c.gpio.unwrap();
+        assert_eq!(g.trigger, Some(super::super::gpio::PinSpec::Header(29)));
+        assert_eq!(g.strobe_ms, 20);
         let e = parse("[trigger]\nkind = \"gpio_edge\"\n").unwrap_err();
         assert!(e.contains("gpio_edge"), "{e}");
     }

@@ -81,6 +81,7 @@ pub type StartError = String;
 /// triggers are resolved. Returns the final counters.
 pub fn run(config_path: &Path) -> Result<Counters, StartError> {
     let (cfg, cfg_bytes) = LineConfig::load(config_path)?;
+    let mut board = None;
     if let Some(name) = &cfg.board {
         let profile = edge_ad_boards::profile(name).map_err(|e| e.to_string())?;
         let dt = Path::new("/proc/device-tree/compatible");
@@ -89,12 +90,26 @@ pub fn run(config_path: &Path) -> Result<Counters, StartError> {
                 .map_err(|e| format!("{}: {e}", config_path.display()))?;
         }
         log::info!("board profile {} ({})", profile.name, profile.title);
+        board = Some(profile);
     }
     let frames = match cfg.source.kind {
         SourceKind::Folder => list_images(&cfg.source.path).map_err(|e| e.to_string())?,
         SourceKind::File => vec![cfg.source.path.clone()],
+        SourceKind::V4l2 => Vec::new(),
     };
-    if frames.is_empty() {
+    let camera = (cfg.source.kind == SourceKind::V4l2).then(|| super::camera::CameraConfig {
+        path: cfg.source.path.clone(),
+        format: cfg
+            .source
+            .format
+            .unwrap_or(super::pixels::PixelFormat::Yuyv),
+        size: (
+            cfg.source.width.unwrap_or_default(),
+            cfg.source.height.unwrap_or_default(),
+        ),
+        fps: cfg.source.fps.unwrap_or(30),
+    });
+    if frames.is_empty() && camera.is_none() {
         return Err(format!(
             "source.path {}: no image files",
             cfg.source.path.display()
@@ -118,28 +133,54 @@ pub fn run(config_path: &Path) -> Result<Counters, StartError> {
     let mut inspector = Inspector::load(&opts, &cfg.model.bank).map_err(|e| e.to_string())?;
 
     // Self-test (line-side.md §6.2): the model scores the first source frame to a finite number.
-    let first = &frames[0];
-    let self_test = Rgb8::open(first)
-        .map_err(|e| {
-            log::error!("self-test: {e}");
-            ErrCause::Capture as u16
-        })
-        .and_then(|img| {
-            inspector
-                .inspect(&img, first)
-                .map_err(|e| {
-                    log::error!("self-test: {e}");
-                    0x0402
-                })
-                .and_then(|(i, _)| {
-                    if i.score.is_finite() {
-                        Ok(())
-                    } else {
-                        log::error!("self-test: score {} is not finite", i.score);
-                        Err(0x0402)
-                    }
-                })
+    let stage: Box<dyn Stage>;
+    let self_test;
+    if let Some(cam) = camera {
+        let st = super::camera::CameraStage::start(cam, inspector);
+        // Give the camera time to start streaming, then the same check on a live frame.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut frame = st.next_frame();
+        while frame.is_err() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+            frame = st.next_frame();
+        }
+        self_test = match frame {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                log::error!("self-test: camera: {e}");
+                Err(0x0201u16)
+            }
+        };
+        stage = Box::new(st);
+    } else {
+        let first = &frames[0];
+        self_test = Rgb8::open(first)
+            .map_err(|e| {
+                log::error!("self-test: {e}");
+                ErrCause::Capture as u16
+            })
+            .and_then(|img| {
+                inspector
+                    .inspect(&img, first)
+                    .map_err(|e| {
+                        log::error!("self-test: {e}");
+                        0x0402
+                    })
+                    .and_then(|(i, _)| {
+                        if i.score.is_finite() {
+                            Ok(())
+                        } else {
+                            log::error!("self-test: score {} is not finite", i.score);
+                            Err(0x0402)
+                        }
+                    })
+            });
+        stage = Box::new(InspectStage {
+            inspector,
+            frames,
+            next: 0,
         });
+    }
 
     let mut status = Status {
         state: LineState::SelfTest,
@@ -188,6 +229,45 @@ pub fn run(config_path: &Path) -> Result<Counters, StartError> {
             }
         },
     };
+    let mut gpio_trigger = None;
+    if let Some(g) = &cfg.gpio {
+        use super::gpio::{resolve_pin, GpioSink, GpiocdevOut, OutLine, OutputTiming};
+        let mut outs = Vec::new();
+        for (line, spec) in [
+            (OutLine::Pass, &g.pass),
+            (OutLine::Strobe, &g.strobe),
+            (OutLine::Ready, &g.ready),
+            (OutLine::Heartbeat, &g.heartbeat),
+            (OutLine::Fault, &g.fault),
+            (OutLine::Reject, &g.reject),
+        ] {
+            if let Some(spec) = spec {
+                let (chip, off) =
+                    resolve_pin(spec, board.as_ref()).map_err(|e| format!("gpio {line:?}: {e}"))?;
+                outs.push((line, chip, off));
+            }
+        }
+        if !outs.is_empty() {
+            match GpiocdevOut::open(&outs) {
+                Ok(out) => sinks.push(Box::new(GpioSink::start(
+                    OutputTiming {
+                        strobe_ms: g.strobe_ms,
+                        reject: g.reject.as_ref().map(|_| (g.reject_delay_ms, g.reject_ms)),
+                    },
+                    Box::new(out),
+                ))),
+                Err(e) => {
+                    log::error!("gpio outputs: {e}");
+                    io_error = Some(0x0301);
+                }
+            }
+        }
+        if let Some(spec) = &g.trigger {
+            let (chip, off) =
+                resolve_pin(spec, board.as_ref()).map_err(|e| format!("gpio trigger: {e}"))?;
+            gpio_trigger = Some((chip, off, Duration::from_millis(g.debounce_ms)));
+        }
+    }
     let tcp = match &cfg.modbus_tcp {
         None => None,
         Some(t) => Some((
@@ -203,12 +283,7 @@ pub fn run(config_path: &Path) -> Result<Counters, StartError> {
         auto_online: cfg.timing.auto_online,
         fault_after: cfg.timing.fault_after,
     };
-    let stage = InspectStage {
-        inspector,
-        frames,
-        next: 0,
-    };
-    let (handle, join) = arbiter::start(timing, Box::new(stage), sinks, status);
+    let (handle, join) = arbiter::start(timing, stage, sinks, status);
     if let Some((listener, unit)) = tcp {
         let h = handle.clone();
         std::thread::spawn(move || server::serve_tcp(listener, h, unit, hwf));
@@ -220,6 +295,12 @@ pub fn run(config_path: &Path) -> Result<Counters, StartError> {
     if let Some((r, w)) = serial {
         let h = handle.clone();
         std::thread::spawn(move || server::serve_serial_commands(r, w, h));
+    }
+    if let Some((chip, off, debounce)) = gpio_trigger {
+        if let Err(e) = super::gpio::watch_trigger(&chip, off, debounce, handle.clone()) {
+            log::error!("{e}");
+            io_error = Some(0x0301);
+        }
     }
     handle.self_test(match (self_test, io_error) {
         (Err(c), _) | (Ok(()), Some(c)) => Err(c),

@@ -8,8 +8,11 @@
 //! - [`config`] and [`daemon`]: `edge-ad run --config line.toml`.
 
 pub mod arbiter;
+pub mod camera;
 pub mod config;
 pub mod daemon;
+pub mod gpio;
 pub mod modbus;
+pub mod pixels;
 pub mod server;
 pub mod status;

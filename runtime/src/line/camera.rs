@@ -1,0 +1,279 @@
+//! V4L2 capture through `v4l` 0.14 (line-side.md §2): MMAP streaming with all buffers queued, the
+//! payload taken from each buffer's `bytesused`, a capture thread that dequeues continuously (so
+//! a trigger never gets a stale frame), a dequeue timeout, and reconnection with exponential
+//! backoff (100 ms doubling to 5 s, ±20 % jitter) when the camera is unplugged.
+
+use super::arbiter::{Stage, StageResult};
+use super::pixels::{to_rgb, PixelFormat, RawFrame};
+use super::status::ErrCause;
+use crate::inspector::{Inspector, Verdict};
+use crate::preprocess::Rgb8;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+use v4l::buffer::Type;
+use v4l::io::traits::CaptureStream;
+use v4l::prelude::*;
+use v4l::video::Capture;
+
+/// What to open.
+#[derive(Debug, Clone)]
+pub struct CameraConfig {
+    /// Device node (prefer a stable `/dev/v4l/by-id/…` path or a udev symlink).
+    pub path: PathBuf,
+    /// Pixel format.
+    pub format: PixelFormat,
+    /// Width and height.
+    pub size: (u32, u32),
+    /// Frames per second.
+    pub fps: u32,
+}
+
+fn fourcc(f: PixelFormat) -> v4l::FourCC {
+    v4l::FourCC::new(match f {
+        PixelFormat::Yuyv => b"YUYV",
+        PixelFormat::Nv12 => b"NV12",
+        PixelFormat::Grey => b"GREY",
+        PixelFormat::Rgb24 => b"RGB3",
+        PixelFormat::Mjpeg => b"MJPG",
+    })
+}
+
+/// One pixel format of a camera: fourcc, description, and (width, height, frame rates) sizes.
+pub type FormatInfo = (String, String, Vec<(u32, u32, Vec<f64>)>);
+
+/// A camera and what it offers (`edge-ad cameras`).
+#[derive(Debug, Clone)]
+pub struct CameraInfo {
+    /// Device node.
+    pub path: PathBuf,
+    /// Card name and driver.
+    pub name: String,
+    /// Formats: fourcc, description, sizes with their frame rates.
+    pub formats: Vec<FormatInfo>,
+}
+
+/// Every video-capture node and its formats (metadata nodes of UVC cameras are skipped).
+pub fn list_cameras() -> Vec<CameraInfo> {
+    let mut out = Vec::new();
+    for node in v4l::context::enum_devices() {
+        let Ok(dev) = Device::with_path(node.path()) else {
+            continue;
+        };
+        let Ok(caps) = dev.query_caps() else { continue };
+        if !caps
+            .capabilities
+            .contains(v4l::capability::Flags::VIDEO_CAPTURE)
+        {
+            continue;
+        }
+        let mut formats = Vec::new();
+        for d in dev.enum_formats().unwrap_or_default() {
+            let mut sizes = Vec::new();
+            for s in dev.enum_framesizes(d.fourcc).unwrap_or_default() {
+                if let v4l::framesize::FrameSizeEnum::Discrete(z) = s.size {
+                    let fps = dev
+                        .enum_frameintervals(d.fourcc, z.width, z.height)
+                        .unwrap_or_default()
+                        .iter()
+                        .filter_map(|i| match &i.interval {
+                            v4l::frameinterval::FrameIntervalEnum::Discrete(f)
+                                if f.numerator > 0 =>
+                            {
+                                Some(f.denominator as f64 / f.numerator as f64)
+                            }
+                            _ => None,
+                        })
+                        .collect();
+                    sizes.push((z.width, z.height, fps));
+                }
+            }
+            formats.push((d.fourcc.to_string(), d.description.clone(), sizes));
+        }
+        out.push(CameraInfo {
+            path: node.path().to_path_buf(),
+            name: format!("{} ({})", caps.card, caps.driver),
+            formats,
+        });
+    }
+    out
+}
+
+/// The newest converted frame and when it was dequeued.
+#[derive(Default)]
+struct Latest {
+    frame: Option<(Instant, Arc<Rgb8>)>,
+    fault: Option<String>,
+}
+
+type Shared = Arc<(Mutex<Latest>, Condvar)>;
+
+fn open(cfg: &CameraConfig) -> io::Result<(Device, v4l::Format)> {
+    let dev = Device::with_path(&cfg.path)?;
+    let want = v4l::Format::new(cfg.size.0, cfg.size.1, fourcc(cfg.format));
+    let got = dev.set_format(&want)?;
+    if (got.width, got.height, got.fourcc) != (want.width, want.height, want.fourcc) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "{}: asked for {}×{} {}, the camera gives {}×{} {}",
+                cfg.path.display(),
+                want.width,
+                want.height,
+                want.fourcc,
+                got.width,
+                got.height,
+                got.fourcc
+            ),
+        ));
+    }
+    dev.set_params(&v4l::video::capture::Parameters::with_fps(cfg.fps))?;
+    Ok((dev, got))
+}
+
+fn stream_frames(cfg: &CameraConfig, shared: &Shared) -> io::Result<()> {
+    let (dev, fmt) = open(cfg)?;
+    let mut stream = MmapStream::with_buffers(&dev, Type::VideoCapture, 4)?;
+    let period = Duration::from_secs_f64(1.0 / cfg.fps.max(1) as f64);
+    stream.set_timeout((period * 3).max(Duration::from_millis(200)));
+    let full_range = matches!(
+        fmt.quantization,
+        v4l::format::quantization::Quantization::FullRange
+    );
+    log::info!(
+        "camera {} streaming {}×{} {}",
+        cfg.path.display(),
+        fmt.width,
+        fmt.height,
+        fmt.fourcc
+    );
+    let result = loop {
+        let (buf, meta) = match stream.next() {
+            Ok(x) => x,
+            Err(e) => break Err(e),
+        };
+        if meta.flags.contains(v4l::buffer::Flags::ERROR) {
+            log::warn!("camera: frame {} flagged ERROR, skipped", meta.sequence);
+            continue;
+        }
+        let used = (meta.bytesused as usize).min(buf.len());
+        let raw = RawFrame {
+            format: cfg.format,
+            width: fmt.width as usize,
+            height: fmt.height as usize,
+            stride: fmt.stride as usize,
+            data: &buf[..used],
+            full_range,
+        };
+        match to_rgb(&raw) {
+            Ok(rgb) => {
+                let (m, cv) = &**shared;
+                if let Ok(mut l) = m.lock() {
+                    l.frame = Some((Instant::now(), Arc::new(rgb)));
+                    l.fault = None;
+                }
+                cv.notify_all();
+            }
+            Err(e) => log::warn!("camera: frame {}: {e}", meta.sequence),
+        }
+    };
+    // Dropping a stream panics on STREAMOFF errors other than ENODEV (v4l 0.14): contain it.
+    let _ = std::thread::spawn(move || drop(stream)).join();
+    result
+}
+
+/// Start the capture thread for `cfg`; it reconnects forever.
+fn start_capture(cfg: CameraConfig) -> Shared {
+    let shared: Shared = Arc::default();
+    let s = shared.clone();
+    std::thread::Builder::new()
+        .name("edge-ad-capture".into())
+        .spawn(move || {
+            let mut backoff = Duration::from_millis(100);
+            let mut seed = 0x9E37_79B9_7F4A_7C15u64;
+            loop {
+                let t = Instant::now();
+                let e = stream_frames(&cfg, &s).err();
+                let msg = e.map_or("stream ended".to_string(), |e| e.to_string());
+                log::error!("camera {}: {msg}; reconnecting", cfg.path.display());
+                if let Ok(mut l) = s.0.lock() {
+                    l.fault = Some(msg);
+                    l.frame = None;
+                }
+                if t.elapsed() > Duration::from_secs(10) {
+                    backoff = Duration::from_millis(100);
+                }
+                seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+                let jitter = 0.8 + 0.4 * ((seed >> 11) as f64 / (1u64 << 53) as f64);
+                std::thread::sleep(backoff.mul_f64(jitter));
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        })
+        .expect("spawn the capture thread");
+    shared
+}
+
+/// The inspection stage on a camera: the first frame dequeued after the stage is asked (so never a
+/// frame older than the trigger), within three frame periods; else a capture error.
+pub struct CameraStage {
+    inspector: Inspector,
+    shared: Shared,
+    wait: Duration,
+    path: PathBuf,
+}
+
+impl CameraStage {
+    /// Open the camera (capture starts at once) for `inspector`.
+    pub fn start(cfg: CameraConfig, inspector: Inspector) -> Self {
+        let wait =
+            Duration::from_secs_f64(3.0 / cfg.fps.max(1) as f64).max(Duration::from_millis(200));
+        let path = cfg.path.clone();
+        Self {
+            inspector,
+            shared: start_capture(cfg),
+            wait,
+            path,
+        }
+    }
+
+    /// The next frame after now, or why there is none.
+    pub fn next_frame(&self) -> Result<Arc<Rgb8>, String> {
+        let asked = Instant::now();
+        let (m, cv) = &*self.shared;
+        let mut l = m.lock().map_err(|_| "capture state poisoned".to_string())?;
+        loop {
+            if let Some(f) = &l.fault {
+                return Err(f.clone());
+            }
+            if let Some((at, img)) = &l.frame {
+                if *at >= asked {
+                    return Ok(img.clone());
+                }
+            }
+            let left = self.wait.saturating_sub(asked.elapsed());
+            if left.is_zero() {
+                return Err(format!("no frame within {} ms", self.wait.as_millis()));
+            }
+            l = cv
+                .wait_timeout(l, left)
+                .map_err(|_| "capture state poisoned".to_string())?
+                .0;
+        }
+    }
+}
+
+impl Stage for CameraStage {
+    fn inspect(&mut self, tag: u32) -> StageResult {
+        let img = self.next_frame().map_err(|e| {
+            log::warn!("tag {tag}: capture: {e}");
+            ErrCause::Capture
+        })?;
+        let path: &Path = &self.path;
+        let (insp, v) = self.inspector.inspect(&img, path).map_err(|e| {
+            log::warn!("tag {tag}: inference: {e}");
+            ErrCause::Inference
+        })?;
+        Ok((insp.score, v == Verdict::Ng))
+    }
+}
