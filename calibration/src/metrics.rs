@@ -3,29 +3,34 @@
 /// Image-level AUROC: the probability that a random defective image scores above a random normal
 /// one (ties count one half). `None` when either class is empty.
 pub fn auroc(normal: &[f64], defective: &[f64]) -> Option<f64> {
-    if normal.is_empty() || defective.is_empty() {
-        return None;
-    }
-    // Rank-sum (Mann–Whitney U) with average ranks for ties: O(n log n).
     let mut all: Vec<(f64, bool)> = normal
         .iter()
         .map(|&s| (s, false))
         .chain(defective.iter().map(|&s| (s, true)))
         .collect();
     all.sort_by(|a, b| a.0.total_cmp(&b.0));
-    let mut rank_sum_def = 0.0;
+    rank_sum_auroc(&all)
+}
+
+/// Mann–Whitney U over pairs sorted by score, average ranks for ties: O(n).
+fn rank_sum_auroc<T: PartialEq>(sorted: &[(T, bool)]) -> Option<f64> {
+    let n1 = sorted.iter().filter(|p| p.1).count() as f64;
+    let n0 = sorted.len() as f64 - n1;
+    if n0 == 0.0 || n1 == 0.0 {
+        return None;
+    }
+    let mut rank_sum = 0.0f64;
     let mut i = 0;
-    while i < all.len() {
+    while i < sorted.len() {
         let mut j = i;
-        while j + 1 < all.len() && all[j + 1].0 == all[i].0 {
+        while j + 1 < sorted.len() && sorted[j + 1].0 == sorted[i].0 {
             j += 1;
         }
         let avg_rank = (i + j) as f64 / 2.0 + 1.0;
-        rank_sum_def += all[i..=j].iter().filter(|x| x.1).count() as f64 * avg_rank;
+        rank_sum += sorted[i..=j].iter().filter(|x| x.1).count() as f64 * avg_rank;
         i = j + 1;
     }
-    let (n0, n1) = (normal.len() as f64, defective.len() as f64);
-    Some((rank_sum_def - n1 * (n1 + 1.0) / 2.0) / (n0 * n1))
+    Some((rank_sum - n1 * (n1 + 1.0) / 2.0) / (n0 * n1))
 }
 
 /// AUROC of scores against labels (`true` = defective / anomalous pixel), ties counting one half:
@@ -33,23 +38,7 @@ pub fn auroc(normal: &[f64], defective: &[f64]) -> Option<f64> {
 /// class is empty.
 pub fn auroc_pairs(pairs: &mut [(f32, bool)]) -> Option<f64> {
     pairs.sort_unstable_by(|a, b| a.0.total_cmp(&b.0));
-    let n1 = pairs.iter().filter(|p| p.1).count() as f64;
-    let n0 = pairs.len() as f64 - n1;
-    if n0 == 0.0 || n1 == 0.0 {
-        return None;
-    }
-    let mut rank_sum = 0.0f64;
-    let mut i = 0;
-    while i < pairs.len() {
-        let mut j = i;
-        while j + 1 < pairs.len() && pairs[j + 1].0 == pairs[i].0 {
-            j += 1;
-        }
-        let avg_rank = (i + j) as f64 / 2.0 + 1.0;
-        rank_sum += pairs[i..=j].iter().filter(|x| x.1).count() as f64 * avg_rank;
-        i = j + 1;
-    }
-    Some((rank_sum - n1 * (n1 + 1.0) / 2.0) / (n0 * n1))
+    rank_sum_auroc(pairs)
 }
 
 /// The best F1 over all thresholds (each distinct score tried as the lowest score called

@@ -25,6 +25,46 @@ fn calibrate_demo(images: &Path, out: &Path, extra: &[&str]) -> Output {
     run(&args)
 }
 
+/// `../shared/data/magnetic_tile`, or `None` (with a SKIPPED line) outside CI when it is absent.
+fn magnetic_tile() -> Option<PathBuf> {
+    let shared = root().join("../shared/data/magnetic_tile");
+    if shared.is_dir() {
+        return Some(shared);
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "../shared/data/magnetic_tile missing in CI"
+    );
+    eprintln!("SKIPPED: ../shared/data/magnetic_tile absent");
+    None
+}
+
+/// `inspect --json` over an MVTec-layout test folder: scores of `good/` and of the defect folders.
+fn inspect_scores(model: &Path, bank: &Path, test: &Path) -> (Vec<f64>, Vec<f64>) {
+    let out = ok(&[
+        "inspect",
+        "--model",
+        s(model),
+        "--bank",
+        s(bank),
+        "--threads",
+        "2",
+        "--json",
+        s(test),
+    ]);
+    let (mut normal, mut defect) = (Vec::new(), Vec::new());
+    for l in out.lines() {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap();
+        let score = v["score"].as_f64().unwrap();
+        if v["path"].as_str().unwrap().contains("/test/good/") {
+            normal.push(score)
+        } else {
+            defect.push(score)
+        }
+    }
+    (normal, defect)
+}
+
 #[test]
 fn demo_runs_offline_and_every_verdict_matches_its_folder() {
     let t = tempfile::tempdir().unwrap();
@@ -357,15 +397,9 @@ fn unreadable_image_in_inspect_is_err_and_the_rest_still_run() {
 /// checks the calibration report next to the bank.
 #[test]
 fn magnetic_tile_defaults_reach_the_auroc_goal_with_dinov2() {
-    let shared = root().join("../shared/data/magnetic_tile");
-    if !shared.is_dir() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "../shared/data/magnetic_tile missing in CI"
-        );
-        eprintln!("SKIPPED magnetic tile: ../shared absent");
+    let Some(shared) = magnetic_tile() else {
         return;
-    }
+    };
     if !dinov2_present() {
         return;
     }
@@ -405,27 +439,7 @@ fn magnetic_tile_defaults_reach_the_auroc_goal_with_dinov2() {
     assert_eq!(header.scored_levels(), vec![2, 3]);
     // 60 pool images: 52 held out + 8 references left out.
     assert_eq!(header.threshold.normal_count, 60);
-    let stdout = ok(&[
-        "inspect",
-        "--model",
-        s(&model),
-        "--bank",
-        s(&bank),
-        "--threads",
-        "2",
-        "--json",
-        s(&shared.join("test")),
-    ]);
-    let (mut normal, mut defect) = (Vec::new(), Vec::new());
-    for l in stdout.lines() {
-        let v: serde_json::Value = serde_json::from_str(l).unwrap();
-        let score = v["score"].as_f64().unwrap();
-        if v["path"].as_str().unwrap().contains("/test/good/") {
-            normal.push(score)
-        } else {
-            defect.push(score)
-        }
-    }
+    let (normal, defect) = inspect_scores(&model, &bank, &shared.join("test"));
     assert_eq!((normal.len(), defect.len()), (34, 36));
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
     let auroc = edge_ad_calibration::metrics::auroc(&normal, &defect).unwrap();
@@ -594,15 +608,9 @@ fn defects_threshold_selection_modes_and_report() {
 /// levels) equals the AUROC of `inspect`'s scores with a bank calibrated the same way.
 #[test]
 fn eval_agrees_with_calibrate_and_inspect_on_magnetic_tile() {
-    let shared = root().join("../shared/data/magnetic_tile");
-    if !shared.is_dir() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "../shared/data/magnetic_tile missing in CI"
-        );
-        eprintln!("SKIPPED eval: ../shared absent");
+    let Some(shared) = magnetic_tile() else {
         return;
-    }
+    };
     let model = demo_model();
     let stdout = ok(&[
         "eval",
@@ -669,27 +677,7 @@ fn eval_agrees_with_calibrate_and_inspect_on_magnetic_tile() {
         "--out",
         s(&bank),
     ]);
-    let out = ok(&[
-        "inspect",
-        "--model",
-        s(&model),
-        "--bank",
-        s(&bank),
-        "--threads",
-        "2",
-        "--json",
-        s(&shared.join("test")),
-    ]);
-    let (mut normal, mut defect) = (Vec::new(), Vec::new());
-    for l in out.lines() {
-        let v: serde_json::Value = serde_json::from_str(l).unwrap();
-        let sc = v["score"].as_f64().unwrap();
-        if v["path"].as_str().unwrap().contains("/test/good/") {
-            normal.push(sc)
-        } else {
-            defect.push(sc)
-        }
-    }
+    let (normal, defect) = inspect_scores(&model, &bank, &shared.join("test"));
     let auroc = edge_ad_calibration::metrics::auroc(&normal, &defect).unwrap();
     let row = rows
         .iter()

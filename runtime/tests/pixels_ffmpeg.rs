@@ -12,26 +12,20 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn ffmpeg() -> Option<PathBuf> {
-    let py = root().join(".venv/bin/python");
+    let py = venv_python()?;
     let out = Command::new(&py)
         .args([
             "-c",
             "import imageio_ffmpeg; print(imageio_ffmpeg.get_ffmpeg_exe())",
         ])
-        .output();
-    match out {
-        Ok(o) if o.status.success() => {
-            Some(PathBuf::from(String::from_utf8(o.stdout).unwrap().trim()))
-        }
-        _ => {
-            assert!(
-                std::env::var_os("CI").is_none(),
-                "imageio-ffmpeg missing in CI (tools/setup.sh)"
-            );
-            eprintln!("SKIPPED: ffmpeg (imageio-ffmpeg) not installed");
-            None
-        }
-    }
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "imageio-ffmpeg missing from the .venv (tools/setup.sh installs it): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Some(PathBuf::from(String::from_utf8(out.stdout).unwrap().trim()))
 }
 
 fn ff(exe: &Path, args: &[&str]) {

@@ -69,3 +69,18 @@ pub fn fails(args: &[&str]) -> String {
     );
     err
 }
+
+/// The test venv's Python (tools/setup.sh), or `None` with a SKIPPED line outside CI.
+#[allow(dead_code)]
+pub fn venv_python() -> Option<PathBuf> {
+    let py = root().join(".venv/bin/python");
+    if py.is_file() {
+        return Some(py);
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        ".venv missing in CI (tools/setup.sh creates it)"
+    );
+    eprintln!("SKIPPED: .venv not set up (run tools/setup.sh)");
+    None
+}
