@@ -66,10 +66,14 @@ struct Daemon(Child, PathBuf);
 
 impl Daemon {
     fn start(config: &Path) -> Self {
+        Self::start_env(config, &[])
+    }
+    fn start_env(config: &Path, env: &[(&str, &str)]) -> Self {
         let log = config.with_extension("log");
         let f = std::fs::File::create(&log).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_edge-ad"))
             .args(["--log", "info", "run", "--config", s(config)])
+            .envs(env.iter().copied())
             .stdout(f.try_clone().unwrap())
             .stderr(f)
             .spawn()
@@ -516,4 +520,51 @@ fn soak_every_tag_once_and_flat_memory() {
         z <= a + 16 * 1024,
         "RSS grew {a} → {z} kB over the second half"
     );
+}
+
+/// systemd `Type=notify`: READY=1 once up, STATUS= with the state, WATCHDOG=1 at half the
+/// WATCHDOG_USEC period while the arbiter runs, STOPPING=1 on SIGTERM.
+#[test]
+fn systemd_notifications() {
+    let t = tempfile::tempdir().unwrap();
+    let b = bank(t.path());
+    let sock_path = t.path().join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let cfg = write_config(t.path(), &b, &root().join("demo/images/test/good"), "");
+    let d = Daemon::start_env(
+        &cfg,
+        &[
+            ("NOTIFY_SOCKET", s(&sock_path)),
+            ("WATCHDOG_USEC", "400000"),
+        ],
+    );
+    let mut got: Vec<String> = Vec::new();
+    let t0 = Instant::now();
+    let mut buf = [0u8; 256];
+    while t0.elapsed() < Duration::from_secs(30) {
+        if let Ok(n) = sock.recv(&mut buf) {
+            got.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+        let pings = got.iter().filter(|m| *m == "WATCHDOG=1").count();
+        if pings >= 3 && got.iter().any(|m| m.starts_with("STATUS=RUNNING")) {
+            break;
+        }
+    }
+    d.stop();
+    while let Ok(n) = sock.recv(&mut buf) {
+        got.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+    println!("systemd notifications: {got:?}");
+    assert_eq!(got.first().map(String::as_str), Some("READY=1"), "{got:?}");
+    assert!(
+        got.iter().any(|m| m.starts_with("STATUS=RUNNING")),
+        "{got:?}"
+    );
+    assert!(
+        got.iter().filter(|m| *m == "WATCHDOG=1").count() >= 3,
+        "{got:?}"
+    );
+    assert!(got.iter().any(|m| m == "STOPPING=1"), "{got:?}");
 }

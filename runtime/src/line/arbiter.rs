@@ -301,6 +301,7 @@ fn arbiter(
         st.heartbeat_count = (up.as_secs() % 65536) as u16;
         st.uptime_s = up.as_secs() as u32;
         st.in_flight = fifo.len().min(u16::MAX as usize) as u16;
+        st.alive = st.alive.wrapping_add(1);
         if st.state != last_state {
             log::info!("line state {:?} → {:?}", last_state, st.state);
             for s in sinks.iter_mut() {

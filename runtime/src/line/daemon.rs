@@ -318,6 +318,13 @@ pub fn run(config_path: &Path) -> Result<Counters, StartError> {
         let h = handle.clone();
         std::thread::spawn(move || free_run(h, rate, count));
     }
+    // systemd: up, outputs safe (the line may still be Faulted: READY on the wire says that).
+    let notifier = super::notify::Notifier::from_env();
+    notifier.send("READY=1");
+    let ping = notifier.watchdog().map(|w| w / 2);
+    let mut last_ping = Instant::now();
+    let mut last_alive = u64::MAX;
+    let mut last_state = None;
     let every = Duration::from_secs(cfg.log.counters_every_s);
     let mut last_log = Instant::now();
     let mut stopping = false;
@@ -326,7 +333,26 @@ pub fn run(config_path: &Path) -> Result<Counters, StartError> {
         if STOP.load(Ordering::SeqCst) && !stopping {
             log::info!("signal: draining the parts in flight");
             handle.shutdown();
+            notifier.send("STOPPING=1");
             stopping = true;
+        }
+        let st = handle.status();
+        if last_state != Some(st.state) {
+            last_state = Some(st.state);
+            notifier.send(&format!(
+                "STATUS={} (error 0x{:04x})",
+                server::state_word(st.state),
+                st.error_code
+            ));
+        }
+        // Feed the watchdog only while the arbiter makes progress (it wakes at least every
+        // 500 ms): a hung arbiter gets the process restarted, with READY low meanwhile.
+        if let Some(p) = ping {
+            if last_ping.elapsed() >= p && st.alive != last_alive {
+                notifier.send("WATCHDOG=1");
+                last_alive = st.alive;
+                last_ping = Instant::now();
+            }
         }
         if !every.is_zero() && last_log.elapsed() >= every {
             last_log = Instant::now();

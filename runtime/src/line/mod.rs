@@ -13,6 +13,7 @@ pub mod config;
 pub mod daemon;
 pub mod gpio;
 pub mod modbus;
+pub mod notify;
 pub mod pixels;
 pub mod server;
 pub mod status;

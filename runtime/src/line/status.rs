@@ -165,6 +165,8 @@ pub struct Status {
     pub high_word_first: bool,
     /// GPIO ABI in use (0 = none).
     pub gpio_abi: u16,
+    /// Arbiter loop iterations: the watchdog is fed only while this moves.
+    pub alive: u64,
 }
 
 impl Default for Status {
@@ -184,6 +186,7 @@ impl Default for Status {
             bank_crc: 0,
             high_word_first: true,
             gpio_abi: 0,
+            alive: 0,
         }
     }
 }
