@@ -63,6 +63,16 @@ pub struct LevelBank {
     panels: Option<Vec<f32>>,
 }
 
+fn check_shape(rows: usize, channels: usize, values: usize) -> Result<(), KernelError> {
+    if rows == 0 || channels == 0 || values != rows * channels {
+        return Err(KernelError::Shape(format!(
+            "bank of {rows} rows × {channels} channels needs {} values, got {values}",
+            rows * channels
+        )));
+    }
+    Ok(())
+}
+
 impl LevelBank {
     /// A bank from f32 features, rounded to `dtype`.
     pub fn new(
@@ -71,13 +81,7 @@ impl LevelBank {
         features: &[f32],
         dtype: BankDtype,
     ) -> Result<Self, KernelError> {
-        if rows == 0 || channels == 0 || features.len() != rows * channels {
-            return Err(KernelError::Shape(format!(
-                "bank of {rows} rows × {channels} channels needs {} values, got {}",
-                rows * channels,
-                features.len()
-            )));
-        }
+        check_shape(rows, channels, features.len())?;
         let raw: Vec<f32> = match dtype {
             BankDtype::F32 => features.to_vec(),
             BankDtype::F16 => {
@@ -101,13 +105,7 @@ impl LevelBank {
         channels: usize,
         raw: Vec<f32>,
     ) -> Result<Self, KernelError> {
-        if rows == 0 || channels == 0 || raw.len() != rows * channels {
-            return Err(KernelError::Shape(format!(
-                "bank of {rows} rows × {channels} channels needs {} values, got {}",
-                rows * channels,
-                raw.len()
-            )));
-        }
+        check_shape(rows, channels, raw.len())?;
         Self::from_rounded(rows, channels, raw, BankDtype::F16)
     }
 
@@ -136,13 +134,7 @@ impl LevelBank {
 
     /// A bank from stored half-precision features.
     pub fn from_f16(rows: usize, channels: usize, features: &[f16]) -> Result<Self, KernelError> {
-        if rows == 0 || channels == 0 || features.len() != rows * channels {
-            return Err(KernelError::Shape(format!(
-                "bank of {rows} rows × {channels} channels needs {} values, got {}",
-                rows * channels,
-                features.len()
-            )));
-        }
+        check_shape(rows, channels, features.len())?;
         let mut wide = vec![0.0f32; features.len()];
         features.convert_to_f32_slice(&mut wide);
         Self::from_rounded(rows, channels, wide, BankDtype::F16)

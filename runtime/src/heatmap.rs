@@ -34,29 +34,21 @@ fn jet(t: f32) -> [u8; 3] {
 /// write `label` in the top-left corner.
 pub fn render(frame: &Rgb8, insp: &Inspection, scale: Scale, label: &str) -> Rgb8 {
     let (fw, fh) = (frame.width, frame.height);
-    let (mh, mw) = insp.map_size;
-    let pl = insp.placement;
-    let (rw, rh) = pl.resized;
+    let mw = insp.map_size.1;
+    let (cols, rows) = insp.frame_axes(fw, fh);
     let mut out = frame.clone();
-    let (ox, oy) = (pl.origin.0 as i64, pl.origin.1 as i64);
-    let (gw, gh) = (pl.frame.0 as i64, pl.frame.1 as i64);
-    for y in 0..fh {
-        // Frame pixel → region (ROI) → resized image → map window (nearest sample).
-        let ry = y as i64 - oy;
-        let yr = ((ry as f64 + 0.5) * rh as f64 / gh as f64).floor() as i64 - pl.offset.1;
-        for x in 0..fw {
-            let rx = x as i64 - ox;
-            let xr = ((rx as f64 + 0.5) * rw as f64 / gw as f64).floor() as i64 - pl.offset.0;
+    for (y, row) in rows.iter().enumerate() {
+        for (x, col) in cols.iter().enumerate() {
             let px = &mut out.data[(y * fw + x) * 3..(y * fw + x) * 3 + 3];
-            let inside = (0..gw).contains(&rx) && (0..gh).contains(&ry);
-            if inside && (0..mw as i64).contains(&xr) && (0..mh as i64).contains(&yr) {
-                let v = insp.map[yr as usize * mw + xr as usize];
-                let c = jet((v - scale.low) / (scale.high - scale.low));
-                for (p, c) in px.iter_mut().zip(c) {
-                    *p = ((*p as u16 + c as u16) / 2) as u8;
+            match (row, col) {
+                (Some(my), Some(mx)) => {
+                    let v = insp.map[my * mw + mx];
+                    let c = jet((v - scale.low) / (scale.high - scale.low));
+                    for (p, c) in px.iter_mut().zip(c) {
+                        *p = ((*p as u16 + c as u16) / 2) as u8;
+                    }
                 }
-            } else {
-                px.iter_mut().for_each(|p| *p /= 3);
+                _ => px.iter_mut().for_each(|p| *p /= 3),
             }
         }
     }

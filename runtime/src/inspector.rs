@@ -769,8 +769,12 @@ pub fn bank_from_file(file: &BankFile) -> Result<Bank> {
             LevelData::F32(v) => LevelBank::new(info.rows, info.channels, v, BankDtype::F32),
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let taps = file.header.scored_levels().iter().map(|l| l - 1).collect();
-    Bank::with_taps(levels, taps)
+    Bank::with_taps(levels, scored_taps(&file.header))
+}
+
+/// The bank's scored levels as 0-based tap indices.
+fn scored_taps(h: &BankHeader) -> Vec<usize> {
+    h.scored_levels().iter().map(|l| l - 1).collect()
 }
 
 /// The references of an inspector: one bank, or the aligned pool.
@@ -828,18 +832,15 @@ impl Inspector {
         file.check_identity(&pipeline.identity(), bank_path)?;
         let refs = match &file.header.aligned {
             None => References::Fixed(bank_from_file(&file)?),
-            Some(pool) => {
-                let taps = file.header.scored_levels().iter().map(|l| l - 1).collect();
-                References::Aligned(
-                    AlignedBank::new(
-                        pool.clone(),
-                        &file.levels,
-                        taps,
-                        &pipeline.description().desc,
-                    )
-                    .map_err(|e| Error::Invalid(format!("{}: {e}", bank_path.display())))?,
+            Some(pool) => References::Aligned(
+                AlignedBank::new(
+                    pool.clone(),
+                    &file.levels,
+                    scored_taps(&file.header),
+                    &pipeline.description().desc,
                 )
-            }
+                .map_err(|e| Error::Invalid(format!("{}: {e}", bank_path.display())))?,
+            ),
         };
         Ok(Self {
             pipeline,

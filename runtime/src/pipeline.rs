@@ -120,26 +120,62 @@ pub struct FrameFeatures {
 }
 
 impl Inspection {
-    /// The map resampled onto the frame's pixel grid (`frame_w × frame_h`, nearest sample, the
-    /// mapping the heatmaps use); pixels outside the inspected window get the map's minimum.
-    pub fn frame_map(&self, frame_w: usize, frame_h: usize) -> Vec<f32> {
+    /// For every frame column and row, the map column / row it shows (nearest sample through
+    /// ROI → resized image → window), or `None` outside the inspected window. The mapping is
+    /// separable, so two short tables serve the whole frame; heatmaps and `eval` both use it.
+    pub fn frame_axes(
+        &self,
+        frame_w: usize,
+        frame_h: usize,
+    ) -> (Vec<Option<usize>>, Vec<Option<usize>>) {
         let (mh, mw) = self.map_size;
         let pl = self.placement;
-        let (rw, rh) = pl.resized;
-        let (gw, gh) = (pl.frame.0 as i64, pl.frame.1 as i64);
+        let axis =
+            |n: usize, origin: usize, region: usize, resized: usize, offset: i64, map: usize| {
+                (0..n)
+                    .map(|i| {
+                        let r = i as i64 - origin as i64;
+                        if !(0..region as i64).contains(&r) {
+                            return None;
+                        }
+                        let m = ((r as f64 + 0.5) * resized as f64 / region as f64).floor() as i64
+                            - offset;
+                        (0..map as i64).contains(&m).then_some(m as usize)
+                    })
+                    .collect()
+            };
+        (
+            axis(
+                frame_w,
+                pl.origin.0,
+                pl.frame.0,
+                pl.resized.0,
+                pl.offset.0,
+                mw,
+            ),
+            axis(
+                frame_h,
+                pl.origin.1,
+                pl.frame.1,
+                pl.resized.1,
+                pl.offset.1,
+                mh,
+            ),
+        )
+    }
+
+    /// The map resampled onto the frame's pixel grid (`frame_w × frame_h`, [`Self::frame_axes`]);
+    /// pixels outside the inspected window get the map's minimum.
+    pub fn frame_map(&self, frame_w: usize, frame_h: usize) -> Vec<f32> {
+        let mw = self.map_size.1;
+        let (cols, rows) = self.frame_axes(frame_w, frame_h);
         let floor = self.map.iter().copied().fold(f32::INFINITY, f32::min);
         let mut out = vec![floor; frame_w * frame_h];
-        for y in 0..frame_h {
-            let ry = y as i64 - pl.origin.1 as i64;
-            let yr = ((ry as f64 + 0.5) * rh as f64 / gh as f64).floor() as i64 - pl.offset.1;
-            if !(0..gh).contains(&ry) || !(0..mh as i64).contains(&yr) {
-                continue;
-            }
-            for x in 0..frame_w {
-                let rx = x as i64 - pl.origin.0 as i64;
-                let xr = ((rx as f64 + 0.5) * rw as f64 / gw as f64).floor() as i64 - pl.offset.0;
-                if (0..gw).contains(&rx) && (0..mw as i64).contains(&xr) {
-                    out[y * frame_w + x] = self.map[yr as usize * mw + xr as usize];
+        for (y, row) in rows.iter().enumerate() {
+            let Some(my) = row else { continue };
+            for (x, col) in cols.iter().enumerate() {
+                if let Some(mx) = col {
+                    out[y * frame_w + x] = self.map[my * mw + mx];
                 }
             }
         }

@@ -44,6 +44,24 @@ impl Stage for InspectStage {
     }
 }
 
+impl InspectStage {
+    /// The self-test (line-side.md §6.2): the first source frame through the same path as a
+    /// part, to a finite score; the first trigger then still gets the first frame.
+    fn self_test(&mut self) -> Result<(), u16> {
+        let r = self.inspect(0);
+        self.next = 0;
+        match r {
+            Ok((score, _)) if score.is_finite() => Ok(()),
+            Ok((score, _)) => {
+                log::error!("self-test: score {score} is not finite");
+                Err(0x0402)
+            }
+            Err(ErrCause::Capture) => Err(ErrCause::Capture as u16),
+            Err(_) => Err(0x0402),
+        }
+    }
+}
+
 /// One JSON line per resolved tag.
 struct JsonlSink(std::io::BufWriter<std::fs::File>);
 
@@ -130,7 +148,7 @@ pub fn run(config_path: &Path) -> Result<Counters, StartError> {
     };
     let bank_bytes = std::fs::read(&cfg.model.bank)
         .map_err(|e| format!("model.bank {}: {e}", cfg.model.bank.display()))?;
-    let mut inspector = Inspector::load(&opts, &cfg.model.bank).map_err(|e| e.to_string())?;
+    let inspector = Inspector::load(&opts, &cfg.model.bank).map_err(|e| e.to_string())?;
 
     // Self-test (line-side.md §6.2): the model scores the first source frame to a finite number.
     let stage: Box<dyn Stage>;
@@ -153,33 +171,13 @@ pub fn run(config_path: &Path) -> Result<Counters, StartError> {
         };
         stage = Box::new(st);
     } else {
-        let first = &frames[0];
-        self_test = Rgb8::open(first)
-            .map_err(|e| {
-                log::error!("self-test: {e}");
-                ErrCause::Capture as u16
-            })
-            .and_then(|img| {
-                inspector
-                    .inspect(&img, first)
-                    .map_err(|e| {
-                        log::error!("self-test: {e}");
-                        0x0402
-                    })
-                    .and_then(|(i, _)| {
-                        if i.score.is_finite() {
-                            Ok(())
-                        } else {
-                            log::error!("self-test: score {} is not finite", i.score);
-                            Err(0x0402)
-                        }
-                    })
-            });
-        stage = Box::new(InspectStage {
+        let mut st = InspectStage {
             inspector,
             frames,
             next: 0,
-        });
+        };
+        self_test = st.self_test();
+        stage = Box::new(st);
     }
 
     let mut status = Status {
