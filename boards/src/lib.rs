@@ -8,6 +8,8 @@
 
 use serde::Deserialize;
 
+pub mod pinmux;
+
 /// A board profile (`boards/profiles/<name>.toml`, built into the binary).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]

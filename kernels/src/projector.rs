@@ -315,11 +315,13 @@ impl LevelProjector {
     }
 
     /// The same projector with the portable attention only (the AVX-512 twin's reference).
-    pub fn portable(mut self) -> Self {
+    pub fn portable(self) -> Self {
         #[cfg(target_arch = "x86_64")]
-        {
-            self.k_panels = None;
-        }
+        return Self {
+            k_panels: None,
+            ..self
+        };
+        #[cfg(not(target_arch = "x86_64"))]
         self
     }
 

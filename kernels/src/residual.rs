@@ -142,11 +142,13 @@ impl LevelBank {
 
     /// The same bank searched by the portable GEMM path only (no AVX-512 kernel): the reference
     /// the SIMD twin is tested against.
-    pub fn portable(mut self) -> Self {
+    pub fn portable(self) -> Self {
         #[cfg(target_arch = "x86_64")]
-        {
-            self.panels = None;
-        }
+        return Self {
+            panels: None,
+            ..self
+        };
+        #[cfg(not(target_arch = "x86_64"))]
         self
     }
 

@@ -84,6 +84,9 @@ enum Command {
         /// Where residual search and scoring run: cpu | cuda | auto.
         #[arg(long, default_value = "auto")]
         device: Device,
+        /// One JSON object per part (full-precision score), then a summary object.
+        #[arg(long)]
+        json: bool,
     },
     /// Build a reference bank from good parts and set the decision threshold.
     ///
@@ -224,6 +227,32 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Check that the line config's GPIO header pins are muxed as GPIO (JetPack 6; needs root).
+    ///
+    /// Reads each header pin's pad control (PADCTL) register through /dev/mem: an output must be
+    /// GPIO with its driver on, the trigger input GPIO with its input buffer on. A pin that is
+    /// not gets an E_PINMUX message saying how to fix it. The report (JSON, written atomically)
+    /// is what the unprivileged `edge-ad run` reads in its self-test: the systemd unit runs this
+    /// as its privileged ExecStartPre. Exit 1 when a pin is not muxed for its use.
+    PinmuxCheck {
+        /// Line config (TOML).
+        #[arg(long)]
+        config: PathBuf,
+        /// Report to write.
+        #[arg(long, default_value = edge_ad::line::pinmux::DEFAULT_REPORT)]
+        out: PathBuf,
+        /// Physical memory device (a file in tests).
+        #[arg(long, default_value = "/dev/mem", hide = true)]
+        mem: PathBuf,
+    },
+    /// Print an example line config for a board profile (its default header pins, a camera,
+    /// Modbus TCP): a start for /etc/edge-ad/line.toml.
+    ExampleConfig {
+        /// Board profile: orin-nano, orin-nx, agx-orin, xavier-nx, agx-xavier, x86-nvidia,
+        /// cpu-only.
+        #[arg(long)]
+        board: String,
+    },
     /// List the V4L2 capture devices with their pixel formats, sizes and frame rates.
     Cameras,
     /// Time the pipeline per stage on real images and compare the kernels with this machine's SGEMM.
@@ -337,6 +366,7 @@ fn run(cli: Cli) -> Result<()> {
             demo_dir,
             threads,
             device,
+            json,
         } => {
             let dir = match demo_dir {
                 Some(d) => d,
@@ -344,12 +374,24 @@ fn run(cli: Cli) -> Result<()> {
                     .context("bundled demo not found (set --demo-dir or EDGE_AD_DEMO_DIR)")?,
             };
             let dir = std::fs::canonicalize(&dir).with_context(|| format!("{}", dir.display()))?;
-            println!(
-                "edge-ad demo: calibrating on {} good parts of {}",
-                edge_ad::demo::DEMO_REFS,
-                dir.join("images/good").display()
-            );
+            let good = dir.join("images/good");
+            if !json {
+                println!(
+                    "edge-ad demo: calibrating on {} good parts of {}",
+                    edge_ad::demo::DEMO_REFS,
+                    good.display()
+                );
+            }
             let summary = edge_ad::demo::run_demo(&dir, &out, threads, device, |p| {
+                let shown = p.path.strip_prefix(&dir).unwrap_or(&p.path);
+                if json {
+                    let line = serde_json::json!({
+                        "image": shown, "score": p.score, "verdict": p.verdict.to_string(),
+                        "expected": p.expected.to_string(), "ms": p.ms,
+                    });
+                    println!("{line}");
+                    return;
+                }
                 let mark = if p.verdict == p.expected {
                     ""
                 } else {
@@ -360,7 +402,6 @@ fn run(cli: Cli) -> Result<()> {
                 } else {
                     p.expected.to_string()
                 };
-                let shown = p.path.strip_prefix(&dir).unwrap_or(&p.path);
                 println!(
                     "{:<36} score {:>7.3}  {}  {:>5.1} ms{mark}{exp}",
                     shown.display(),
@@ -374,6 +415,15 @@ fn run(cli: Cli) -> Result<()> {
                 .iter()
                 .filter(|p| p.verdict == edge_ad::inspector::Verdict::Ng)
                 .count();
+            if json {
+                let line = serde_json::json!({
+                    "demo": dir, "parts": summary.parts.len(), "ng": ng,
+                    "threshold": summary.threshold, "correct": summary.correct(),
+                    "bank": summary.bank,
+                });
+                println!("{line}");
+                return Ok(());
+            }
             println!(
                 "{} parts: {} OK, {} NG (threshold {:.3}); {}/{} verdicts match the parts' folders",
                 summary.parts.len(),
@@ -555,6 +605,37 @@ fn run(cli: Cli) -> Result<()> {
                         println!("    {w}×{h} @ {} fps", f.join(", "));
                     }
                 }
+            }
+        }
+        Command::ExampleConfig { board } => {
+            let profile = edge_ad_boards::profile(&board)?;
+            print!("{}", edge_ad::line::config::example(&profile));
+        }
+        Command::PinmuxCheck { config, out, mem } => {
+            use edge_ad::line::{config::LineConfig, pinmux};
+            let (cfg, bytes) = LineConfig::load(&config).map_err(anyhow::Error::msg)?;
+            let board = cfg.board_profile(&config).map_err(anyhow::Error::msg)?;
+            let report =
+                pinmux::check(&cfg, &bytes, board.as_ref(), &mem).map_err(anyhow::Error::msg)?;
+            pinmux::write_report(&out, &report).map_err(anyhow::Error::msg)?;
+            for p in &report.pins {
+                if p.error.is_none() {
+                    println!(
+                        "header pin {} ({}, {} line {}): PADCTL {} = {}: GPIO {}, ok",
+                        p.pin, p.port, p.chip, p.line, p.padctl, p.value, p.direction
+                    );
+                }
+            }
+            for u in &report.unchecked {
+                println!("not checked: {u}");
+            }
+            let errors = report.errors();
+            for e in &errors {
+                eprintln!("{e}");
+            }
+            println!("report: {}", out.display());
+            if !errors.is_empty() {
+                std::process::exit(1);
             }
         }
         Command::Run { config } => {

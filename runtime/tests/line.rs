@@ -454,6 +454,172 @@ fn bad_line_configs_are_refused_by_name() {
     assert!(log.contains("2 triggers: 0 OK, 0 NG, 2 ERR"), "{log}");
 }
 
+/// Holding register `addr` read over Modbus TCP (FC03), hand-framed: `None` while nothing listens.
+fn read_register(port: u16, addr: u16) -> Option<u16> {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    c.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    let [ah, al] = addr.to_be_bytes();
+    c.write_all(&[0, 7, 0, 0, 0, 6, 1, 0x03, ah, al, 0, 1])
+        .ok()?;
+    let mut r = [0u8; 11];
+    c.read_exact(&mut r).ok()?;
+    assert_eq!(&r[..9], &[0, 7, 0, 0, 0, 5, 1, 0x03, 2], "FC03 reply {r:?}");
+    Some(u16::from_be_bytes([r[9], r[10]]))
+}
+
+/// A camera that is not there: the line never gets READY (Faulted), says why in the log, and
+/// shows 0x0201 in ERROR_CODE (register 2) to the PLC.
+#[test]
+fn a_missing_camera_faults_the_line_with_its_code_on_modbus() {
+    let t = tempfile::tempdir().unwrap();
+    let b = bank(t.path());
+    let port = free_port();
+    let cfg = t.path().join("line.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[model]\nmodel = {:?}\nbank = {:?}\nthreads = 2\n[source]\nkind = \"v4l2\"\npath = \"/dev/edge-ad-no-such-camera\"\nwidth = 640\nheight = 480\n[modbus_tcp]\nbind = \"127.0.0.1:{port}\"\n",
+            s(&demo_model()),
+            s(&b)
+        ),
+    )
+    .unwrap();
+    let d = Daemon::start(&cfg);
+    let mut code = None;
+    wait_for("ERROR_CODE on Modbus", || {
+        code = read_register(port, 2).filter(|&c| c != 0);
+        code.is_some()
+    });
+    assert_eq!(code, Some(0x0201));
+    // STATE (register 1) is Faulted, never Ready.
+    assert_eq!(read_register(port, 1), Some(4));
+    let log = d.stop();
+    assert!(log.contains("/dev/edge-ad-no-such-camera"), "{log}");
+    assert!(log.contains("self-test failed: error 0x0201"), "{log}");
+}
+
+/// JetPack 6 pinmux (line-side §3.3): `pinmux-check` reads each header pin's PADCTL (a sparse
+/// file stands in for /dev/mem), names a pad muxed to its special function with the fix, and the
+/// daemon, reading that report, stays Faulted with error 0x0303.
+#[test]
+fn pinmux_check_names_pads_not_muxed_as_gpio() {
+    use std::io::{Seek, SeekFrom, Write};
+    let t = tempfile::tempdir().unwrap();
+    let b = bank(t.path());
+    let src = root().join("demo/images/test/good");
+    let report = t.path().join("run/pinmux.json");
+    let cfg = write_config(
+        t.path(),
+        &b,
+        &src,
+        &format!(
+            "[gpio]\ntrigger = 29\npass = 31\nready = 33\nstrobe = 12\npinmux_report = {:?}\n[trigger]\nkind = \"free_run\"\nrate_hz = 50\ncount = 2\n",
+            s(&report)
+        ),
+    );
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(&cfg, format!("board = \"orin-nano\"\n{text}")).unwrap();
+    let mem = t.path().join("mem");
+    let write_mem = |pass: u32| {
+        let mut f = std::fs::File::create(&mem).unwrap();
+        f.set_len(0x0250_0000).unwrap();
+        // Orin Nano: pin 29 input GPIO with its buffer on, pin 31 `pass`, pin 33 output GPIO.
+        for (addr, v) in [
+            (0x0243_0068u64, 0x50u32),
+            (0x0243_0070, pass),
+            (0x0243_4040, 0x0),
+        ] {
+            f.seek(SeekFrom::Start(addr)).unwrap();
+            f.write_all(&v.to_le_bytes()).unwrap();
+        }
+    };
+    write_mem(0x454);
+    let check = |cfg: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_edge-ad"))
+            .args([
+                "pinmux-check",
+                "--config",
+                s(cfg),
+                "--out",
+                s(&report),
+                "--mem",
+                s(&mem),
+            ])
+            .output()
+            .unwrap()
+    };
+    let out = check(&cfg);
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(out.status.code(), Some(1), "{stdout}{stderr}");
+    assert!(
+        stderr.contains("E_PINMUX: header pin 31 (PQ.06, tegra234-gpio line 106): PADCTL 0x02430070 = 0x00000454 selects SFIO; configure it as GPIO output"),
+        "{stderr}"
+    );
+    assert!(
+        stdout.contains("header pin 29 (PQ.05, tegra234-gpio line 105): PADCTL 0x02430068 = 0x00000050: GPIO input, ok"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("not checked: gpio.strobe (header pin 12)"),
+        "{stdout}"
+    );
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    let errors: Vec<_> = r["pins"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| !p["error"].is_null())
+        .map(|p| p["role"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        (r["pins"].as_array().unwrap().len(), errors),
+        (3, vec!["pass"])
+    );
+
+    // The daemon reads the report: Faulted with 0x0303, every part rejected.
+    let mut d = Daemon::start(&cfg);
+    let log = d.wait_ok();
+    assert!(log.contains("E_PINMUX: header pin 31"), "{log}");
+    assert!(log.contains("self-test failed: error 0x0303"), "{log}");
+    assert!(log.contains("2 triggers: 0 OK, 0 NG, 2 ERR"), "{log}");
+
+    // A report of another config is not trusted (and the chips do not exist here: 0x0301).
+    std::fs::write(
+        &cfg,
+        format!("{}# edited\n", std::fs::read_to_string(&cfg).unwrap()),
+    )
+    .unwrap();
+    let mut d = Daemon::start(&cfg);
+    let log = d.wait_ok();
+    assert!(
+        log.contains("pinmux not verified") && log.contains("another config"),
+        "{log}"
+    );
+    assert!(log.contains("self-test failed: error 0x0301"), "{log}");
+
+    // Pads muxed as GPIO pass.
+    write_mem(0x0);
+    let out = check(&cfg);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    assert!(
+        r["pins"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|p| p["error"].is_null()),
+        "{r}"
+    );
+}
+
 /// Soak (3000 triggers at 300/s in CI; `EDGE_AD_SOAK=100000 EDGE_AD_SOAK_RATE=200` for the full run): free-run triggers through the
 /// folder source, RSS sampled; every tag exactly once, in order; memory flat after warm-up.
 #[test]

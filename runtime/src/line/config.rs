@@ -284,6 +284,9 @@ pub struct GpioSection {
     /// Kernel debounce of the trigger input.
     #[serde(default = "default_debounce")]
     pub debounce_ms: u64,
+    /// The pinmux report `edge-ad pinmux-check` writes (default `/run/edge-ad/pinmux.json`).
+    #[serde(default = "default_pinmux_report")]
+    pub pinmux_report: PathBuf,
 }
 
 fn default_strobe() -> u64 {
@@ -294,6 +297,9 @@ fn default_reject() -> u64 {
 }
 fn default_debounce() -> u64 {
     2
+}
+fn default_pinmux_report() -> PathBuf {
+    PathBuf::from(super::pinmux::DEFAULT_REPORT)
 }
 
 /// `[log]`.
@@ -312,6 +318,24 @@ pub struct LogSection {
 pub const BAUDS: [u32; 5] = [9600, 19200, 38400, 57600, 115200];
 
 impl LineConfig {
+    /// The board profile the config names, checked against `/proc/device-tree/compatible` where
+    /// that exists (a mismatch names both).
+    pub fn board_profile(
+        &self,
+        config_path: &Path,
+    ) -> Result<Option<edge_ad_boards::Profile>, String> {
+        let Some(name) = &self.board else {
+            return Ok(None);
+        };
+        let profile = edge_ad_boards::profile(name).map_err(|e| e.to_string())?;
+        if let Ok(bytes) = std::fs::read("/proc/device-tree/compatible") {
+            edge_ad_boards::check(&profile, &bytes)
+                .map_err(|e| format!("{}: {e}", config_path.display()))?;
+        }
+        log::info!("board profile {} ({})", profile.name, profile.title);
+        Ok(Some(profile))
+    }
+
     /// Read, parse and validate; relative paths resolved against the file's folder. Returns the
     /// config and its bytes (for CONFIG_CRC32).
     pub fn load(path: &Path) -> Result<(Self, Vec<u8>), String> {
@@ -341,6 +365,9 @@ impl LineConfig {
         }
         if let Some(p) = c.log.results.as_mut() {
             fix(p)
+        }
+        if let Some(g) = c.gpio.as_mut() {
+            fix(&mut g.pinmux_report)
         }
         Ok((c, bytes))
     }
@@ -417,8 +444,99 @@ impl LineConfig {
     }
 }
 
+/// An example line config for `profile` (`edge-ad example-config`; the package ships one per
+/// board as `/etc/edge-ad/examples/<board>.toml`): a UVC camera, the board's default header
+/// pins with a GPIO trigger where it has a 40-pin header (else triggers over Modbus or serial),
+/// Modbus TCP on port 502, and the bundled demo model until a production model is installed.
+pub fn example(profile: &edge_ad_boards::Profile) -> String {
+    let io = match profile.pins {
+        Some(p) => format!(
+            "[trigger]\n# Photo-eye on header pin {t} (through an opto board); Modbus/serial triggers work too.\nkind = \"gpio\"\n\n[gpio]\n# 40-pin header pins ({title} defaults); `{{ chip = \"label\", offset = N }}` for other lines.\ntrigger = {t}\npass = {p}\nstrobe = {s}\nready = {r}\nheartbeat = {h}\nstrobe_ms = 20\ndebounce_ms = 2\n",
+            t = p.trigger_in,
+            p = p.pass_out,
+            s = p.strobe_out,
+            r = p.ready_out,
+            h = p.heartbeat_out,
+            title = profile.title,
+        ),
+        None => "[trigger]\n# No 40-pin header: the PLC triggers over Modbus (TRIGGER coil) or serial (`TRIG`).\nkind = \"external\"\n".into(),
+    };
+    format!(
+        "# edge-ad line config for {title} (board profile `{name}`), from `edge-ad example-config`.\n\
+         # Copy it to /etc/edge-ad/line.toml and adjust; the service starts once that file exists:\n\
+         #   sudo systemctl enable --now edge-ad\n\
+         # Every field: /usr/share/doc/edge-ad/line.md. Relative paths are relative to this file.\n\
+         board = \"{name}\"\n\n\
+         [model]\n\
+         # The bundled demo backbone; point this at a production model description when installed.\n\
+         model = \"/usr/share/edge-ad/demo/efficientnet-lite0.toml\"\n\
+         # Written by `edge-ad calibrate --refs 8 --images <good parts> --out /var/lib/edge-ad/bank.eab`.\n\
+         bank = \"/var/lib/edge-ad/bank.eab\"\n\
+         threads = 0\n\
+         device = \"auto\"\n\n\
+         [source]\n\
+         # `edge-ad cameras` lists the devices and what they deliver.\n\
+         kind = \"v4l2\"\n\
+         path = \"/dev/video0\"\n\
+         format = \"yuyv\"\n\
+         width = 1280\n\
+         height = 720\n\
+         fps = 30\n\n\
+         {io}\n\
+         [timing]\n\
+         # From trigger to verdict; a part without a verdict by then is rejected.\n\
+         deadline_ms = 300\n\
+         fifo = 4\n\n\
+         [modbus_tcp]\n\
+         bind = \"0.0.0.0:502\"\n\
+         unit_id = 1\n\n\
+         [log]\n\
+         # NG and ERR parts go to the journal; `results = \"<file>\"` adds a JSON line per part.\n\
+         counters_every_s = 60\n",
+        title = profile.title,
+        name = profile.name,
+    )
+}
+
 #[cfg(test)]
 mod tests {
+    /// Every board's example is a valid config with that board's default pins.
+    #[test]
+    fn examples_parse_with_the_board_defaults() {
+        let dir = std::env::temp_dir().join(format!("edge-ad-example-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for profile in edge_ad_boards::profiles() {
+            let path = dir.join(format!("{}.toml", profile.name));
+            std::fs::write(&path, example(&profile)).unwrap();
+            let (c, _) = LineConfig::load(&path).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(c.board.as_deref(), Some(profile.name.as_str()));
+            assert_eq!(c.source.kind, SourceKind::V4l2);
+            match profile.pins {
+                Some(p) => {
+                    let g = c.gpio.expect("gpio section");
+                    use super::super::gpio::PinSpec::Header;
+                    assert_eq!(c.trigger.kind, TriggerKind::Gpio);
+                    assert_eq!(
+                        [g.trigger, g.pass, g.strobe, g.ready, g.heartbeat],
+                        [
+                            p.trigger_in,
+                            p.pass_out,
+                            p.strobe_out,
+                            p.ready_out,
+                            p.heartbeat_out
+                        ]
+                        .map(|n| Some(Header(n)))
+                    );
+                }
+                None => {
+                    assert!(c.gpio.is_none());
+                    assert_eq!(c.trigger.kind, TriggerKind::External);
+                }
+            }
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     use super::*;
 
     const MIN: &str = "[model]\nmodel = \"m.toml\"\nbank = \"b.eab\"\n[source]\nkind = \"folder\"\npath = \"imgs\"\n";

@@ -99,17 +99,7 @@ pub type StartError = String;
 /// triggers are resolved. Returns the final counters.
 pub fn run(config_path: &Path) -> Result<Counters, StartError> {
     let (cfg, cfg_bytes) = LineConfig::load(config_path)?;
-    let mut board = None;
-    if let Some(name) = &cfg.board {
-        let profile = edge_ad_boards::profile(name).map_err(|e| e.to_string())?;
-        let dt = Path::new("/proc/device-tree/compatible");
-        if let Ok(bytes) = std::fs::read(dt) {
-            edge_ad_boards::check(&profile, &bytes)
-                .map_err(|e| format!("{}: {e}", config_path.display()))?;
-        }
-        log::info!("board profile {} ({})", profile.name, profile.title);
-        board = Some(profile);
-    }
+    let board = cfg.board_profile(config_path)?;
     let frames = match cfg.source.kind {
         SourceKind::Folder => list_images(&cfg.source.path).map_err(|e| e.to_string())?,
         SourceKind::File => vec![cfg.source.path.clone()],
@@ -211,7 +201,7 @@ pub fn run(config_path: &Path) -> Result<Counters, StartError> {
             }
             Err(e) => {
                 log::error!("serial.port {}: {e}", s.port.display());
-                io_error = Some(0x0501);
+                io_error = io_error.or(Some(0x0501));
                 None
             }
         },
@@ -222,12 +212,20 @@ pub fn run(config_path: &Path) -> Result<Counters, StartError> {
             Ok(f) => Some((f, r.unit_id)),
             Err(e) => {
                 log::error!("modbus_rtu.port {}: {e}", r.port.display());
-                io_error = Some(0x0501);
+                io_error = io_error.or(Some(0x0501));
                 None
             }
         },
     };
     let mut gpio_trigger = None;
+    if let (Some(g), Some(b)) = (&cfg.gpio, &board) {
+        if let Err(errors) = super::pinmux::verify(&cfg, &cfg_bytes, b, &g.pinmux_report) {
+            for e in errors {
+                log::error!("{e}");
+            }
+            io_error = io_error.or(Some(0x0303));
+        }
+    }
     if let Some(g) = &cfg.gpio {
         use super::gpio::{resolve_pin, GpioSink, GpiocdevOut, OutLine, OutputTiming};
         let mut outs = Vec::new();
@@ -256,7 +254,7 @@ pub fn run(config_path: &Path) -> Result<Counters, StartError> {
                 ))),
                 Err(e) => {
                     log::error!("gpio outputs: {e}");
-                    io_error = Some(0x0301);
+                    io_error = io_error.or(Some(0x0301));
                 }
             }
         }
@@ -297,13 +295,17 @@ pub fn run(config_path: &Path) -> Result<Counters, StartError> {
     if let Some((chip, off, debounce)) = gpio_trigger {
         if let Err(e) = super::gpio::watch_trigger(&chip, off, debounce, handle.clone()) {
             log::error!("{e}");
-            io_error = Some(0x0301);
+            io_error = io_error.or(Some(0x0301));
         }
     }
-    handle.self_test(match (self_test, io_error) {
+    let self_test = match (self_test, io_error) {
         (Err(c), _) | (Ok(()), Some(c)) => Err(c),
         (Ok(()), None) => Ok(()),
-    });
+    };
+    if let Err(c) = self_test {
+        log::error!("self-test failed: error 0x{c:04x}; the line stays Faulted (READY low, every part rejected)");
+    }
+    handle.self_test(self_test);
 
     // SAFETY: installing a handler that only stores to an atomic.
     unsafe {

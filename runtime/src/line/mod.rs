@@ -14,6 +14,7 @@ pub mod daemon;
 pub mod gpio;
 pub mod modbus;
 pub mod notify;
+pub mod pinmux;
 pub mod pixels;
 pub mod server;
 pub mod status;
