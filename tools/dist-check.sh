@@ -70,17 +70,31 @@ for px, pa in zip(x86, arm):
     worst = max(worst, rel)
     print(f"{px['image']:<34} x86-64 {px['score']:8.4f}  arm64 {pa['score']:8.4f}  {pa['verdict']}  rel {rel:.1e}")
 assert sa["correct"] == sa["parts"] == len(arm), f"arm64 demo: {sa['correct']}/{sa['parts']} verdicts right"
-# Thresholds come from the same good parts; verdicts must agree, scores within a few percent
-# (nearest-neighbour near-ties resolve differently when NEON sums in another order).
+# Each demo calibrates its own bank: k-means may pick another of two near-equivalent good parts
+# when the backbone's features differ in the 6th digit (tract's NEON vs AVX kernels), so scores
+# agree to a few percent here; with one bank (below) they agree to float precision.
 assert worst < 0.05, f"worst relative score difference {worst:.3f}"
 ms = [p["ms"] for p in arm]
 print(f"demo under qemu: {sa['correct']}/{sa['parts']} verdicts right and equal to x86-64; worst score rel diff {worst:.1e}; "
       f"threshold x86-64 {sx['threshold']:.4f} arm64 {sa['threshold']:.4f}; {sum(ms)/len(ms):.0f} ms per frame (median {sorted(ms)[len(ms)//2]:.0f}); whole demo {end-start:.1f} s")
 EOF
 
+echo "== the same bank inspected on both: scores to float precision"
+share="$tmp/root/usr/share/edge-ad/demo"
+"$native" inspect --model "$share/efficientnet-lite0.toml" --bank "$tmp/demo-x86/demo-bank.eab" --json "$share/images/test" > "$tmp/x86-inspect.jsonl"
+"${qemu[@]}" "$pkg" inspect --model "$share/efficientnet-lite0.toml" --bank "$tmp/demo-x86/demo-bank.eab" --json "$share/images/test" > "$tmp/arm-inspect.jsonl"
+"$python" - "$tmp/x86-inspect.jsonl" "$tmp/arm-inspect.jsonl" <<'EOF'
+import json, sys
+x86, arm = ([json.loads(l) for l in open(p)] for p in sys.argv[1:3])
+assert len(x86) == len(arm) == 11, (len(x86), len(arm))
+assert all(a["verdict"] == b["verdict"] for a, b in zip(x86, arm)), "verdicts differ"
+worst = max(abs(a["score"] - b["score"]) / abs(a["score"]) for a, b in zip(x86, arm))
+assert worst < 1e-4, f"worst relative score difference {worst:.2e} with the same bank"
+print(f"the x86-64 bank inspected by arm64: 11/11 verdicts equal, worst score rel diff {worst:.1e}")
+EOF
+
 echo "== line daemon: start to READY=1"
 port=$("$python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-share="$tmp/root/usr/share/edge-ad/demo"
 cat > "$tmp/line.toml" <<EOF
 [model]
 model = "$share/efficientnet-lite0.toml"
