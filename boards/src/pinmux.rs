@@ -10,20 +10,16 @@
 
 use std::path::Path;
 
-/// PADCTL addresses of header pins, per board (Jetson.GPIO, line-side reference §3.3).
-const PADCTL: [(&str, u8, u64); 12] = [
-    ("orin-nano", 7, 0x0244_8030),
-    ("orin-nano", 29, 0x0243_0068),
-    ("orin-nano", 31, 0x0243_0070),
-    ("orin-nano", 32, 0x0243_4080),
-    ("orin-nano", 33, 0x0243_4040),
-    ("orin-nx", 7, 0x0244_8030),
-    ("orin-nx", 29, 0x0243_0068),
-    ("orin-nx", 31, 0x0243_0070),
-    ("orin-nx", 32, 0x0243_4080),
-    ("orin-nx", 33, 0x0243_4040),
-    ("agx-orin", 7, 0x0243_0070),
-    ("agx-orin", 16, 0x0C30_3048),
+/// PADCTL addresses of header pins (Jetson.GPIO, line-side reference §3.3): Orin Nano and NX
+/// share a carrier pinout.
+const PADCTL: [(&[&str], u8, u64); 7] = [
+    (&["orin-nano", "orin-nx"], 7, 0x0244_8030),
+    (&["orin-nano", "orin-nx"], 29, 0x0243_0068),
+    (&["orin-nano", "orin-nx"], 31, 0x0243_0070),
+    (&["orin-nano", "orin-nx"], 32, 0x0243_4080),
+    (&["orin-nano", "orin-nx"], 33, 0x0243_4040),
+    (&["agx-orin"], 7, 0x0243_0070),
+    (&["agx-orin"], 16, 0x0C30_3048),
 ];
 
 /// The PADCTL register address of header `pin` on board profile `board`, where NVIDIA's tables
@@ -31,7 +27,7 @@ const PADCTL: [(&str, u8, u64); 12] = [
 pub fn padctl_address(board: &str, pin: u8) -> Option<u64> {
     PADCTL
         .iter()
-        .find(|(b, p, _)| *b == board && *p == pin)
+        .find(|(boards, p, _)| boards.contains(&board) && *p == pin)
         .map(|e| e.2)
 }
 

@@ -78,7 +78,12 @@ pub struct LineHandle {
 impl LineHandle {
     /// A trigger now.
     pub fn trigger(&self) {
-        let _ = self.tx.send(Event::Trigger(Instant::now()));
+        self.trigger_at(Instant::now());
+    }
+    /// A trigger that happened at `t0` (an input's kernel timestamp): its deadline counts from
+    /// then, not from when the event was read.
+    pub fn trigger_at(&self, t0: Instant) {
+        let _ = self.tx.send(Event::Trigger(t0));
     }
     /// An operator command.
     pub fn command(&self, c: Command) {

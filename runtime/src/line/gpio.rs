@@ -133,6 +133,24 @@ impl OutputPlan {
 
 #[cfg(test)]
 mod tests {
+    /// Kernel timestamps become Instants in the past by the event's age, from either clock.
+    #[test]
+    fn event_timestamps_map_to_instants() {
+        use std::time::{Duration, Instant};
+        for clock in [libc::CLOCK_MONOTONIC, libc::CLOCK_REALTIME] {
+            let stamp = clock_ns(clock) - 30_000_000;
+            let age = Instant::now() - event_instant(stamp);
+            assert!(
+                age >= Duration::from_millis(30) && age < Duration::from_millis(80),
+                "{age:?}"
+            );
+        }
+        // A stamp from the future or from another clock: now.
+        for stamp in [clock_ns(libc::CLOCK_MONOTONIC) + 5_000_000_000, 12345] {
+            assert!(Instant::now() - event_instant(stamp) < Duration::from_millis(20));
+        }
+    }
+
     use super::*;
 
     fn rec(tag: u32, outcome: Outcome, ms: u32) -> ResultRecord {
@@ -357,7 +375,7 @@ pub fn watch_trigger(
         .spawn(move || loop {
             match req.wait_edge_event(std::time::Duration::from_millis(200)) {
                 Ok(true) => match req.read_edge_event() {
-                    Ok(_) => handle.trigger(),
+                    Ok(ev) => handle.trigger_at(event_instant(ev.timestamp_ns)),
                     Err(e) => {
                         log::error!("gpio trigger: {e}");
                         return;
@@ -372,6 +390,35 @@ pub fn watch_trigger(
         })
         .map_err(|e| e.to_string())?;
     Ok(())
+}
+
+/// Nanoseconds of `clock` now.
+fn clock_ns(clock: libc::clockid_t) -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid out-pointer.
+    unsafe { libc::clock_gettime(clock, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// The [`Instant`](std::time::Instant) of an edge event's kernel timestamp, so that a part's
+/// deadline counts from the edge itself, not from when this thread got to read it. GPIO uAPI v2
+/// stamps events with CLOCK_MONOTONIC (the clock `Instant` uses); uAPI v1 on kernels before 5.7
+/// used CLOCK_REALTIME. A stamp from neither clock's last 10 s falls back to now.
+pub fn event_instant(timestamp_ns: u64) -> std::time::Instant {
+    let now = std::time::Instant::now();
+    const WINDOW: u64 = 10_000_000_000;
+    for clock in [libc::CLOCK_MONOTONIC, libc::CLOCK_REALTIME] {
+        let age = clock_ns(clock).wrapping_sub(timestamp_ns);
+        if age <= WINDOW {
+            return now
+                .checked_sub(std::time::Duration::from_nanos(age))
+                .unwrap_or(now);
+        }
+    }
+    now
 }
 
 enum OutMsg {
