@@ -41,7 +41,11 @@ diff -u "$tmp/deb.txt" "$tmp/tgz.txt" || fail "$tgz holds another tree than $deb
 mkdir "$tmp/ctrl"
 dpkg-deb --control "$deb" "$tmp/ctrl"
 grep '^/etc/' "$tmp/deb.txt" | diff -u - "$tmp/ctrl/conffiles" || fail "conffiles are not exactly the /etc files"
-for s in postinst prerm postrm; do [ -x "$tmp/ctrl/$s" ] || fail "maintainer script $s missing"; done
+for s in postinst prerm postrm; do
+    [ -x "$tmp/ctrl/$s" ] || fail "maintainer script $s missing"
+    sh -n "$tmp/ctrl/$s" || fail "maintainer script $s: syntax"
+done
+sh -n packaging/install-system.sh || fail "install-system.sh: syntax"
 echo "$(wc -l < "$tmp/deb.txt") files as listed, $(wc -l < "$tmp/ctrl/conffiles") conffiles, maintainer scripts present: ok"
 
 echo "== run from the unpacked package under qemu"

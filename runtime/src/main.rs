@@ -629,6 +629,9 @@ fn run(cli: Cli) -> Result<()> {
             for u in &report.unchecked {
                 println!("not checked: {u}");
             }
+            if report.pins.is_empty() && report.unchecked.is_empty() {
+                println!("no GPIO pins in {}: nothing to check", config.display());
+            }
             let errors = report.errors();
             for e in &errors {
                 eprintln!("{e}");
