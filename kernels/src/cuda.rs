@@ -1,4 +1,5 @@
-//! CUDA twins of the residual search (spec §3.3) and FeatureNorm (§5), driven through `cudarc`
+//! CUDA twins of the residual search (spec §3.3), the LKV attention (§4.2 step 3) and FeatureNorm
+//! (§5), driven through `cudarc`
 //! with dynamic loading: one binary starts on machines without CUDA, and [`Gpu::new`] then says
 //! why the GPU path is unavailable so callers fall back to the CPU kernels with one log line.
 //!
@@ -19,9 +20,10 @@ use std::sync::Arc;
 /// The CUDA C source of every kernel.
 pub const SOURCE: &str = include_str!("cuda/kernels.cu");
 /// Entry points in [`SOURCE`].
-pub const KERNELS: [&str; 6] = [
+pub const KERNELS: [&str; 7] = [
     "unit_rows_f16",
     "nn_residual",
+    "lkv_attention",
     "level_norms",
     "assemble",
     "gauss",
@@ -33,6 +35,10 @@ pub const TARGETS: [&str; 3] = ["sm_72", "sm_87", "sm_90"];
 pub const NN_THREADS: u32 = 128;
 /// Queries per `nn_residual` block.
 pub const NN_BM: usize = 16;
+/// Threads per `lkv_attention` block: one warp per query row.
+pub const ATT_THREADS: u32 = 256;
+/// Largest head dimension `lkv_attention` takes (DINOv2-S: 384 / 16 = 24).
+pub const ATT_MAX_HEAD_DIM: usize = 32;
 
 /// Why the GPU path is unavailable or failed.
 #[derive(Debug, thiserror::Error)]
@@ -287,6 +293,7 @@ fn load_or_compile(arch: &str, dir: &Path) -> Result<Vec<u8>, CudaError> {
 struct Funcs {
     unit_rows: CudaFunction,
     nn_residual: CudaFunction,
+    lkv_attention: CudaFunction,
     level_norms: CudaFunction,
     assemble: CudaFunction,
     gauss: CudaFunction,
@@ -322,6 +329,26 @@ impl std::fmt::Debug for GpuBank {
         f.debug_struct("GpuBank")
             .field("rows", &self.rows)
             .field("channels", &self.channels)
+            .finish()
+    }
+}
+
+/// One projector level's keys and values on the device (spec §4.4): per head `K_h` and `V_h`,
+/// `refs × d` contiguous, fp16, uploaded once at load.
+pub struct GpuKv {
+    k: CudaSlice<u16>,
+    v: CudaSlice<u16>,
+    heads: usize,
+    refs: usize,
+    d: usize,
+}
+
+impl std::fmt::Debug for GpuKv {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GpuKv")
+            .field("heads", &self.heads)
+            .field("refs", &self.refs)
+            .field("d", &self.d)
             .finish()
     }
 }
@@ -370,6 +397,7 @@ impl Gpu {
         let f = Funcs {
             unit_rows: get("unit_rows_f16")?,
             nn_residual: get("nn_residual")?,
+            lkv_attention: get("lkv_attention")?,
             level_norms: get("level_norms")?,
             assemble: get("assemble")?,
             gauss: get("gauss")?,
@@ -394,6 +422,7 @@ impl Gpu {
         let f = match kernel {
             "unit_rows_f16" => &self.f.unit_rows,
             "nn_residual" => &self.f.nn_residual,
+            "lkv_attention" => &self.f.lkv_attention,
             "level_norms" => &self.f.level_norms,
             "assemble" => &self.f.assemble,
             "gauss" => &self.f.gauss,
@@ -487,6 +516,80 @@ impl Gpu {
         for (o, &i) in argmax.iter_mut().zip(&am_host) {
             *o = i as u32;
         }
+        Ok(())
+    }
+
+    /// Upload one level's per-head keys and values (`heads × refs × d` each, as the CPU
+    /// projector keeps them) in fp16.
+    pub fn upload_kv(
+        &self,
+        k_heads: &[f32],
+        v_heads: &[f32],
+        heads: usize,
+        refs: usize,
+    ) -> Result<GpuKv, CudaError> {
+        let per = heads * refs;
+        if per == 0 || k_heads.len() != v_heads.len() || !k_heads.len().is_multiple_of(per) {
+            return Err(CudaError::Shape(format!(
+                "K/V of {} and {} values for {heads} heads × {refs} references",
+                k_heads.len(),
+                v_heads.len()
+            )));
+        }
+        let d = k_heads.len() / per;
+        if d > ATT_MAX_HEAD_DIM {
+            return Err(CudaError::Shape(format!(
+                "head dimension {d}: the GPU attention takes at most {ATT_MAX_HEAD_DIM} (the CPU path serves larger)"
+            )));
+        }
+        let k = self.stream.clone_htod(&to_f16_bits(k_heads)).map_err(drv)?;
+        let v = self.stream.clone_htod(&to_f16_bits(v_heads)).map_err(drv)?;
+        Ok(GpuKv {
+            k,
+            v,
+            heads,
+            refs,
+            d,
+        })
+    }
+
+    /// The GPU twin of the projector's attention step (spec §4.2 step 3): `out = concat_h
+    /// softmax(Q_h K_hᵀ) V_h` for `q` (`P × C`, already scaled by 1/√d), fused with an online
+    /// softmax (the score matrix never exists).
+    pub fn lkv_attention(&self, q: &[f32], kv: &GpuKv, out: &mut [f32]) -> Result<(), CudaError> {
+        let c = kv.heads * kv.d;
+        if q.is_empty() || !q.len().is_multiple_of(c) || out.len() != q.len() {
+            return Err(CudaError::Shape(format!(
+                "attention: {} query values, {} outputs for {c} channels",
+                q.len(),
+                out.len()
+            )));
+        }
+        let p = q.len() / c;
+        let s = &self.stream;
+        let q_dev = s.clone_htod(q).map_err(drv)?;
+        let mut o = s.alloc_zeros::<f32>(q.len()).map_err(drv)?;
+        let rows_per_block = (ATT_THREADS / 32) as usize;
+        let cfg = LaunchConfig {
+            grid_dim: (grid_1d(p, rows_per_block), kv.heads as u32, 1),
+            block_dim: (ATT_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (p_i, n_i, c_i, d_i) = (p as i32, kv.refs as i32, c as i32, kv.d as i32);
+        let mut b = s.launch_builder(&self.f.lkv_attention);
+        b.arg(&q_dev)
+            .arg(&kv.k)
+            .arg(&kv.v)
+            .arg(&mut o)
+            .arg(&p_i)
+            .arg(&n_i)
+            .arg(&c_i)
+            .arg(&d_i);
+        // SAFETY: argument types and order match `lkv_attention`; d ≤ ATT_MAXD was checked at
+        // upload; q and out hold P·C values.
+        unsafe { b.launch(cfg) }.map_err(drv)?;
+        s.memcpy_dtoh(&o, out).map_err(drv)?;
+        s.synchronize().map_err(drv)?;
         Ok(())
     }
 

@@ -23,6 +23,7 @@ fn sm_limits(arch: &str) -> (u32, u32, u32) {
 fn launch_shape(kernel: &str) -> (u32, u32) {
     match kernel {
         "nn_residual" => (cuda::NN_THREADS, (cuda::NN_BM * 384 * 2) as u32),
+        "lkv_attention" => (cuda::ATT_THREADS, 0),
         "assemble" | "gauss" => (128, 0),
         _ => (256, 0),
     }
@@ -253,6 +254,75 @@ fn gpu_featurenorm_matches_the_cpu_twin() {
     }
 }
 
+/// `concat_h softmax(Q_h K_hᵀ) V_h` in f64: the reference of the attention step (spec §4.2 step 3),
+/// K and V per head `n × d` as the CPU projector keeps them.
+fn attention_reference(q: &[f32], k: &[f32], v: &[f32], heads: usize, n: usize) -> Vec<f32> {
+    let d = k.len() / (heads * n);
+    let c = heads * d;
+    let p = q.len() / c;
+    let mut out = vec![0.0f32; p * c];
+    for r in 0..p {
+        for h in 0..heads {
+            let qh = &q[r * c + h * d..r * c + (h + 1) * d];
+            let s: Vec<f64> = (0..n)
+                .map(|j| {
+                    let kj = &k[(h * n + j) * d..(h * n + j + 1) * d];
+                    qh.iter().zip(kj).map(|(a, b)| *a as f64 * *b as f64).sum()
+                })
+                .collect();
+            let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
+            let z: f64 = e.iter().sum();
+            for i in 0..d {
+                let acc: f64 = (0..n).map(|j| e[j] * v[(h * n + j) * d + i] as f64).sum();
+                out[r * c + h * d + i] = (acc / z) as f32;
+            }
+        }
+    }
+    out
+}
+
+/// The fused attention against the f64 reference on fp16-rounded K/V (isolates the kernel: online
+/// softmax, lane merge, tiling), at the DINOv2-S shape and awkward ones (partial tiles, fewer
+/// references than lanes, partial blocks of query rows).
+#[test]
+fn gpu_lkv_attention_matches_the_reference() {
+    let Some(g) = gpu() else { return };
+    let mut seed = 21u64;
+    for (p, heads, d, n) in [
+        (256, 16, 24, 2048),
+        (37, 16, 4, 1000),
+        (5, 16, 32, 3),
+        (9, 2, 24, 33),
+    ] {
+        let c = heads * d;
+        // Scores of a few units (Q pre-scaled by 1/√d), as trained projectors give.
+        let q: Vec<f32> = (0..p * c).map(|_| 4.0 * rnd(&mut seed)).collect();
+        let round = |x: f32| half::f16::from_f32(x).to_f32();
+        let k: Vec<f32> = (0..heads * n * d)
+            .map(|_| round(2.0 * rnd(&mut seed)))
+            .collect();
+        let v: Vec<f32> = (0..heads * n * d).map(|_| round(rnd(&mut seed))).collect();
+        let want = attention_reference(&q, &k, &v, heads, n);
+        let kv = g.upload_kv(&k, &v, heads, n).unwrap();
+        let mut got = vec![0.0f32; p * c];
+        g.lkv_attention(&q, &kv, &mut got).unwrap();
+        let scale = want.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+        let err = want
+            .iter()
+            .zip(&got)
+            .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()))
+            / scale;
+        println!("cuda lkv_attention p={p} heads={heads} d={d} refs={n}: max rel err {err:.2e}");
+        assert!(err < 1e-4, "p={p} d={d} n={n}: {err}");
+    }
+    // A head dimension past the kernel's registers is refused, not run.
+    let e = g
+        .upload_kv(&[0.0; 2 * 40], &[0.0; 2 * 40], 1, 2)
+        .unwrap_err();
+    assert!(e.to_string().contains("head dimension 40"), "{e}");
+}
+
 /// Timings on a GPU (run explicitly: `--ignored`): each call includes its host↔device copies.
 #[test]
 #[ignore]
@@ -305,5 +375,28 @@ fn gpu_timings() {
         g.arch(),
         flops / (rm * 1e-3) / 1e12,
         g.registers("nn_residual")
+    );
+
+    // LKV attention of one level at the DINOv2-S shape (16 heads of 24, N_r = 2048).
+    let (heads, d, refs) = (16usize, 24usize, 2048usize);
+    let k: Vec<f32> = (0..heads * refs * d).map(|_| rnd(&mut seed)).collect();
+    let v: Vec<f32> = (0..heads * refs * d).map(|_| rnd(&mut seed)).collect();
+    let kv = g.upload_kv(&k, &v, heads, refs).unwrap();
+    let mut out = vec![0.0f32; n * c];
+    let mut at = Vec::new();
+    for it in 0..60 {
+        let t = std::time::Instant::now();
+        g.lkv_attention(&q[0], &kv, &mut out).unwrap();
+        if it >= 10 {
+            at.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    let am = med(&mut at);
+    let flops = 2.0 * 2.0 * (n * refs * c) as f64;
+    println!(
+        "cuda timings on {}: lkv_attention one level {am:.3} ms ({:.2} TFLOP/s incl. copies), registers {:?}",
+        g.arch(),
+        flops / (am * 1e-3) / 1e12,
+        g.registers("lkv_attention")
     );
 }

@@ -175,3 +175,70 @@ extern "C" __global__ void max_reduce(const float* __restrict__ map, int n, u32*
     for (int o = 16; o; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
     if ((threadIdx.x & 31) == 0) atomicMax(out, __float_as_uint(m));
 }
+
+#define ATT_WARPS 8   // queries per block, one warp each
+#define ATT_TILE 32   // references per shared-memory tile: one per lane
+#define ATT_MAXD 32   // largest head dimension (DINOv2-S: C = 384, 16 heads → d = 24)
+
+// spec §4.2 step 3, flash style: LKV cross-attention of one level for one head (blockIdx.y).
+// One warp per query row; its 32 lanes split the references, each keeping an online softmax
+// (running max, running sum, exp-weighted V); the warp merges the lanes at the end, so the P×N_r
+// score matrix never exists. q is P×C f32 pre-scaled by 1/√d (as the CPU twin); k and v are the
+// per-head K_h, V_h (N_r × d, fp16) precomputed at load (§4.4); out is P×C (heads concatenated).
+extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32) lkv_attention(
+    const float* __restrict__ q, const half_t* __restrict__ k, const half_t* __restrict__ v,
+    float* __restrict__ out, int p, int n, int c, int d) {
+    __shared__ half_t ks[ATT_TILE * ATT_MAXD];
+    __shared__ half_t vs[ATT_TILE * ATT_MAXD];
+    const int head = blockIdx.y, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int row = blockIdx.x * ATT_WARPS + warp;
+    const bool active = row < p;
+    float qr[ATT_MAXD], acc[ATT_MAXD];
+#pragma unroll
+    for (int i = 0; i < ATT_MAXD; ++i) {
+        qr[i] = (active && i < d) ? q[(size_t)row * c + head * d + i] : 0.f;
+        acc[i] = 0.f;
+    }
+    float m = NEG_INF, l = 0.f;
+    const half_t* kh = k + (size_t)head * n * d;
+    const half_t* vh = v + (size_t)head * n * d;
+    for (int t0 = 0; t0 < n; t0 += ATT_TILE) {
+        const int rows = min(ATT_TILE, n - t0);
+        __syncthreads();
+        for (int i = threadIdx.x; i < rows * d; i += blockDim.x) {
+            ks[i] = kh[(size_t)t0 * d + i];
+            vs[i] = vh[(size_t)t0 * d + i];
+        }
+        __syncthreads();
+        if (active && lane < rows) {
+            float s = 0.f;
+#pragma unroll
+            for (int i = 0; i < ATT_MAXD; ++i)
+                if (i < d) s += qr[i] * h2f(ks[lane * d + i]);
+            const float m_new = fmaxf(m, s);
+            const float corr = __expf(m - m_new);  // 0 on the lane's first reference
+            const float e = __expf(s - m_new);
+            l = l * corr + e;
+#pragma unroll
+            for (int i = 0; i < ATT_MAXD; ++i)
+                if (i < d) acc[i] = acc[i] * corr + e * h2f(vs[lane * d + i]);
+            m = m_new;
+        }
+    }
+    // Merge the lanes' partial softmaxes (a lane that saw no reference has m = -inf, l = 0).
+    for (int o = 16; o; o >>= 1) {
+        const float m_o = __shfl_xor_sync(0xffffffffu, m, o);
+        const float l_o = __shfl_xor_sync(0xffffffffu, l, o);
+        const float m_new = fmaxf(m, m_o);
+        const float a = m == NEG_INF ? 0.f : __expf(m - m_new);
+        const float b = m_o == NEG_INF ? 0.f : __expf(m_o - m_new);
+        l = l * a + l_o * b;
+#pragma unroll
+        for (int i = 0; i < ATT_MAXD; ++i) acc[i] = acc[i] * a + __shfl_xor_sync(0xffffffffu, acc[i], o) * b;
+        m = m_new;
+    }
+    if (active && lane == 0) {
+        const float inv = 1.f / l;
+        for (int i = 0; i < d; ++i) out[(size_t)row * c + head * d + i] = acc[i] * inv;
+    }
+}
