@@ -605,6 +605,12 @@ fn run(cli: Cli) -> Result<()> {
                         println!("    {w}×{h} @ {} fps", f.join(", "));
                     }
                 }
+                if !c.controls.is_empty() {
+                    println!("  controls ([source.controls] names):");
+                    for ctl in c.controls {
+                        println!("    {ctl}");
+                    }
+                }
             }
         }
         Command::ExampleConfig { board } => {

@@ -8,6 +8,7 @@ use super::pixels::{to_rgb, PixelFormat, RawFrame};
 use super::status::ErrCause;
 use crate::inspector::{Inspector, Verdict};
 use crate::preprocess::Rgb8;
+use std::collections::BTreeMap;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
@@ -28,6 +29,117 @@ pub struct CameraConfig {
     pub size: (u32, u32),
     /// Frames per second.
     pub fps: u32,
+    /// Controls to set after the format (`[source.controls]`), by [`control_key`] name: a line
+    /// needs fixed exposure and white balance, or the parts' appearance drifts with the light.
+    pub controls: BTreeMap<String, i64>,
+}
+
+/// A control's name as configs spell it: lower case, every run of other characters one `_`
+/// (the names `v4l2-ctl --list-ctrls` prints): "Exposure Time, Absolute" → `exposure_time_absolute`.
+pub fn control_key(name: &str) -> String {
+    let mut key = String::new();
+    for ch in name.chars() {
+        if ch.is_ascii_alphanumeric() {
+            key.push(ch.to_ascii_lowercase());
+        } else if !key.is_empty() && !key.ends_with('_') {
+            key.push('_');
+        }
+    }
+    key.trim_end_matches('_').to_string()
+}
+
+/// The controls to set, checked against what the camera offers, in a workable order: mode
+/// controls (`…auto…`) first, since a camera ignores a manual exposure or white balance while
+/// its automatic mode is on.
+pub fn control_plan(
+    offered: &[v4l::control::Description],
+    wanted: &BTreeMap<String, i64>,
+) -> Result<Vec<(v4l::control::Control, String)>, String> {
+    use v4l::control::{Control, Type, Value};
+    let mut plan = Vec::new();
+    for (key, &value) in wanted {
+        let Some(d) = offered.iter().find(|d| control_key(&d.name) == *key) else {
+            let names: Vec<String> = offered
+                .iter()
+                .filter(|d| d.typ != Type::CtrlClass)
+                .map(|d| control_key(&d.name))
+                .collect();
+            return Err(format!(
+                "source.controls.{key}: the camera has no such control (it has: {})",
+                names.join(", ")
+            ));
+        };
+        let value = match d.typ {
+            Type::Boolean if value == 0 || value == 1 => Value::Boolean(value == 1),
+            Type::Integer | Type::Integer64 | Type::Menu | Type::IntegerMenu
+                if (d.minimum..=d.maximum).contains(&value) =>
+            {
+                Value::Integer(value)
+            }
+            Type::Boolean | Type::Integer | Type::Integer64 | Type::Menu | Type::IntegerMenu => {
+                return Err(format!(
+                    "source.controls.{key}: {value} is outside {}..={}",
+                    d.minimum, d.maximum
+                ))
+            }
+            other => {
+                return Err(format!(
+                    "source.controls.{key}: a {other:?} control cannot be set from the config"
+                ))
+            }
+        };
+        plan.push((Control { id: d.id, value }, key.clone()));
+    }
+    plan.sort_by_key(|(_, k)| !k.contains("auto"));
+    Ok(plan)
+}
+
+/// The camera's controls; `v4l` 0.14 panics on a control type it does not know, which becomes an
+/// error here instead of taking the daemon down.
+fn query_controls(dev: &Device) -> io::Result<Vec<v4l::control::Description>> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| dev.query_controls())).unwrap_or_else(
+        |_| {
+            Err(io::Error::other(
+                "the camera reports a control type the v4l crate does not know",
+            ))
+        },
+    )
+}
+
+/// Set `[source.controls]` and read each back (a driver may round or refuse silently).
+fn apply_controls(dev: &Device, cfg: &CameraConfig) -> io::Result<()> {
+    if cfg.controls.is_empty() {
+        return Ok(());
+    }
+    let offered = query_controls(dev)?;
+    let plan = control_plan(&offered, &cfg.controls).map_err(|e| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{}: {e}", cfg.path.display()),
+        )
+    })?;
+    for (ctrl, key) in plan {
+        let (id, want) = (ctrl.id, format!("{:?}", ctrl.value));
+        dev.set_control(ctrl).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("{}: source.controls.{key}: {e}", cfg.path.display()),
+            )
+        })?;
+        match dev.control(id) {
+            Ok(got) if format!("{:?}", got.value) != want => log::warn!(
+                "camera {}: {key} set to {want}, reads back {:?}",
+                cfg.path.display(),
+                got.value
+            ),
+            Ok(_) => log::info!("camera {}: {key} = {want}", cfg.path.display()),
+            Err(e) => log::warn!(
+                "camera {}: {key}: cannot read back: {e}",
+                cfg.path.display()
+            ),
+        }
+    }
+    Ok(())
 }
 
 fn fourcc(f: PixelFormat) -> v4l::FourCC {
@@ -52,6 +164,9 @@ pub struct CameraInfo {
     pub name: String,
     /// Formats: fourcc, description, sizes with their frame rates.
     pub formats: Vec<FormatInfo>,
+    /// Settable controls: config name, range and default, e.g.
+    /// `exposure_time_absolute 3..=2047 (default 250)`.
+    pub controls: Vec<String>,
 }
 
 /// Every video-capture node and its formats (metadata nodes of UVC cameras are skipped).
@@ -91,10 +206,25 @@ pub fn list_cameras() -> Vec<CameraInfo> {
             }
             formats.push((d.fourcc.to_string(), d.description.clone(), sizes));
         }
+        let controls = query_controls(&dev)
+            .unwrap_or_default()
+            .iter()
+            .filter(|d| d.typ != v4l::control::Type::CtrlClass)
+            .map(|d| {
+                format!(
+                    "{} {}..={} (default {})",
+                    control_key(&d.name),
+                    d.minimum,
+                    d.maximum,
+                    d.default
+                )
+            })
+            .collect();
         out.push(CameraInfo {
             path: node.path().to_path_buf(),
             name: format!("{} ({})", caps.card, caps.driver),
             formats,
+            controls,
         });
     }
     out
@@ -129,6 +259,7 @@ fn open(cfg: &CameraConfig) -> io::Result<(Device, v4l::Format)> {
         ));
     }
     dev.set_params(&v4l::video::capture::Parameters::with_fps(cfg.fps))?;
+    apply_controls(&dev, cfg)?;
     Ok((dev, got))
 }
 
@@ -275,5 +406,88 @@ impl Stage for CameraStage {
             ErrCause::Inference
         })?;
         Ok((insp.score, v == Verdict::Ng))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use v4l::control::{Description, Flags, Type, Value};
+
+    fn desc(id: u32, typ: Type, name: &str, min: i64, max: i64) -> Description {
+        Description {
+            id,
+            typ,
+            name: name.into(),
+            minimum: min,
+            maximum: max,
+            step: 1,
+            default: min,
+            flags: Flags::empty(),
+            items: None,
+        }
+    }
+
+    #[test]
+    fn control_names_as_v4l2_ctl_prints_them() {
+        assert_eq!(
+            control_key("Exposure Time, Absolute"),
+            "exposure_time_absolute"
+        );
+        assert_eq!(
+            control_key("White Balance Temperature, Auto"),
+            "white_balance_temperature_auto"
+        );
+        assert_eq!(control_key("  Gain (dB) "), "gain_db");
+    }
+
+    /// Known controls in a workable order (modes first), values checked against their ranges,
+    /// unknown names answered with the camera's list.
+    #[test]
+    fn control_plan_checks_names_ranges_and_order() {
+        let offered = [
+            desc(1, Type::CtrlClass, "Camera Controls", 0, 0),
+            desc(2, Type::Integer, "Exposure Time, Absolute", 3, 2047),
+            desc(3, Type::Menu, "Auto Exposure", 0, 3),
+            desc(4, Type::Boolean, "White Balance, Automatic", 0, 1),
+        ];
+        let wanted: BTreeMap<String, i64> = [
+            ("exposure_time_absolute".to_string(), 200),
+            ("auto_exposure".to_string(), 1),
+            ("white_balance_automatic".to_string(), 0),
+        ]
+        .into();
+        let plan = control_plan(&offered, &wanted).unwrap();
+        let order: Vec<&str> = plan.iter().map(|(_, k)| k.as_str()).collect();
+        assert_eq!(
+            order,
+            [
+                "auto_exposure",
+                "white_balance_automatic",
+                "exposure_time_absolute"
+            ]
+        );
+        assert_eq!(plan[1].0.value, Value::Boolean(false));
+        assert_eq!((plan[2].0.id, &plan[2].0.value), (2, &Value::Integer(200)));
+
+        let e = control_plan(&offered, &[("gain".to_string(), 5)].into()).unwrap_err();
+        assert!(
+            e.contains("source.controls.gain")
+                && e.contains("exposure_time_absolute, auto_exposure")
+                && !e.contains("camera_controls"),
+            "{e}"
+        );
+        let e = control_plan(
+            &offered,
+            &[("exposure_time_absolute".to_string(), 1)].into(),
+        )
+        .unwrap_err();
+        assert!(e.contains("1 is outside 3..=2047"), "{e}");
+        let e = control_plan(
+            &offered,
+            &[("white_balance_automatic".to_string(), 2)].into(),
+        )
+        .unwrap_err();
+        assert!(e.contains("outside 0..=1"), "{e}");
     }
 }

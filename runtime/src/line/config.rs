@@ -125,6 +125,30 @@ pub struct SourceSection {
     /// v4l2: frames per second.
     #[serde(default)]
     pub fps: Option<u32>,
+    /// V4L2 controls set after the format, by name (`edge-ad cameras` lists them), e.g.
+    /// `{ auto_exposure = 1, exposure_time_absolute = 200 }`; booleans as `true`/`false` or 0/1.
+    #[serde(default)]
+    pub controls: std::collections::BTreeMap<String, ControlValue>,
+}
+
+/// A control's value in the config: an integer or a boolean.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum ControlValue {
+    /// Integer and menu controls.
+    Int(i64),
+    /// Boolean controls.
+    Bool(bool),
+}
+
+impl ControlValue {
+    /// As the integer V4L2 takes.
+    pub fn as_i64(self) -> i64 {
+        match self {
+            ControlValue::Int(v) => v,
+            ControlValue::Bool(b) => i64::from(b),
+        }
+    }
 }
 
 /// Trigger kinds.
@@ -382,6 +406,9 @@ impl LineConfig {
                 return Err("source.fps: must be positive".into());
             }
         }
+        if self.source.kind != SourceKind::V4l2 && !self.source.controls.is_empty() {
+            return Err("source.controls: only a camera (kind = \"v4l2\") has controls".into());
+        }
         if let Some(b) = &self.board {
             edge_ad_boards::profile(b).map_err(|e| format!("board: {e}"))?;
         }
@@ -481,7 +508,10 @@ pub fn example(profile: &edge_ad_boards::Profile) -> String {
          format = \"yuyv\"\n\
          width = 1280\n\
          height = 720\n\
-         fps = 30\n\n\
+         fps = 30\n\
+         # Fix exposure and white balance so the parts look the same all day (names, ranges:\n\
+         # `edge-ad cameras`), e.g.\n\
+         # controls = {{ auto_exposure = 1, exposure_time_absolute = 200, white_balance_automatic = false }}\n\n\
          {io}\n\
          [timing]\n\
          # From trigger to verdict; a part without a verdict by then is rejected.\n\
@@ -500,6 +530,34 @@ pub fn example(profile: &edge_ad_boards::Profile) -> String {
 
 #[cfg(test)]
 mod tests {
+    /// Camera controls: integers and booleans, only for a camera source.
+    #[test]
+    fn camera_controls_parse_and_need_a_camera() {
+        let dir = std::env::temp_dir().join(format!("edge-ad-controls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("line.toml");
+        let write = |source: &str| {
+            std::fs::write(
+                &path,
+                format!("[model]\nmodel = \"m.toml\"\nbank = \"b.eab\"\n[source]\n{source}\ncontrols = {{ auto_exposure = 1, white_balance_automatic = false }}\n"),
+            )
+            .unwrap();
+        };
+        write("kind = \"v4l2\"\npath = \"/dev/video0\"\nwidth = 640\nheight = 480");
+        let (c, _) = LineConfig::load(&path).unwrap();
+        let v: Vec<(&str, i64)> = c
+            .source
+            .controls
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_i64()))
+            .collect();
+        assert_eq!(v, [("auto_exposure", 1), ("white_balance_automatic", 0)]);
+        write("kind = \"folder\"\npath = \"parts\"");
+        let e = LineConfig::load(&path).unwrap_err();
+        assert!(e.contains("source.controls"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     /// Every board's example is a valid config with that board's default pins.
     #[test]
     fn examples_parse_with_the_board_defaults() {

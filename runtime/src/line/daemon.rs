@@ -116,6 +116,12 @@ pub fn run(config_path: &Path) -> Result<Counters, StartError> {
             cfg.source.height.unwrap_or_default(),
         ),
         fps: cfg.source.fps.unwrap_or(30),
+        controls: cfg
+            .source
+            .controls
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_i64()))
+            .collect(),
     });
     if frames.is_empty() && camera.is_none() {
         return Err(format!(
