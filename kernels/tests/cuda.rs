@@ -120,6 +120,15 @@ fn gpu() -> Option<Gpu> {
     }
 }
 
+/// Largest |want − got| relative to the largest |want|.
+fn max_rel_err(want: &[f32], got: &[f32]) -> f32 {
+    let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    want.iter()
+        .zip(got)
+        .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()))
+        / scale
+}
+
 fn rnd(seed: &mut u64) -> f32 {
     *seed = seed
         .wrapping_mul(6364136223846793005)
@@ -240,12 +249,7 @@ fn gpu_featurenorm_matches_the_cpu_twin() {
             .unwrap();
         let mut gpu = vec![0.0; 224 * 224];
         let sg = g.featurenorm(&fnorm, &views, &mut gpu).unwrap();
-        let scale = cpu.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-        let err = cpu
-            .iter()
-            .zip(&gpu)
-            .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()))
-            / scale;
+        let err = max_rel_err(&cpu, &gpu);
         let serr = ((sg - sc) / sc).abs();
         println!(
             "cuda featurenorm [{form:?}]: map max rel err {err:.2e}, score rel err {serr:.2e}"
@@ -307,12 +311,7 @@ fn gpu_lkv_attention_matches_the_reference() {
         let kv = g.upload_kv(&k, &v, heads, n).unwrap();
         let mut got = vec![0.0f32; p * c];
         g.lkv_attention(&q, &kv, &mut got).unwrap();
-        let scale = want.iter().fold(0.0f32, |m, x| m.max(x.abs()));
-        let err = want
-            .iter()
-            .zip(&got)
-            .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()))
-            / scale;
+        let err = max_rel_err(&want, &got);
         println!("cuda lkv_attention p={p} heads={heads} d={d} refs={n}: max rel err {err:.2e}");
         assert!(err < 1e-4, "p={p} d={d} n={n}: {err}");
     }

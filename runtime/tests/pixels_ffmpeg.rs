@@ -82,48 +82,26 @@ fn conversions_match_ffmpeg() {
     let (w, h) = (320usize, 240usize);
     let size = format!("{w}x{h}");
     let tv = format!("scale={w}:{h}:out_color_matrix=bt601:out_range=tv");
-    ff(
-        &exe,
-        &[
-            "-i",
-            src,
-            "-vf",
-            &tv,
-            "-pix_fmt",
-            "yuyv422",
-            "-f",
-            "rawvideo",
-            &d("f.yuyv"),
-        ],
-    );
-    ff(
-        &exe,
-        &[
-            "-i",
-            src,
-            "-vf",
-            &tv,
-            "-pix_fmt",
-            "nv12",
-            "-f",
-            "rawvideo",
-            &d("f.nv12"),
-        ],
-    );
-    ff(
-        &exe,
-        &[
-            "-i",
-            src,
-            "-vf",
-            &format!("scale={w}:{h}"),
-            "-pix_fmt",
-            "gray",
-            "-f",
-            "rawvideo",
-            &d("f.grey"),
-        ],
-    );
+    // The frame as the camera would deliver it, in each raw format.
+    let encode = |pix_fmt: &str, vf: &str, out: &str| {
+        ff(
+            &exe,
+            &[
+                "-i",
+                src,
+                "-vf",
+                vf,
+                "-pix_fmt",
+                pix_fmt,
+                "-f",
+                "rawvideo",
+                &d(out),
+            ],
+        )
+    };
+    encode("yuyv422", &tv, "f.yuyv");
+    encode("nv12", &tv, "f.nv12");
+    encode("gray", &format!("scale={w}:{h}"), "f.grey");
     ff(
         &exe,
         &[
@@ -146,46 +124,31 @@ fn conversions_match_ffmpeg() {
     // path is itself 1.8 levels off the BT.601 formula on average.
     let back =
         "scale=in_color_matrix=bt601:in_range=tv:flags=accurate_rnd+full_chroma_int+bitexact";
-    ff(
-        &exe,
-        &[
-            "-f",
-            "rawvideo",
-            "-pix_fmt",
-            "yuyv422",
-            "-s",
-            &size,
-            "-i",
-            &d("f.yuyv"),
-            "-vf",
-            back,
-            "-pix_fmt",
-            "rgb24",
-            "-f",
-            "rawvideo",
-            &d("ref_yuyv.rgb"),
-        ],
-    );
-    ff(
-        &exe,
-        &[
-            "-f",
-            "rawvideo",
-            "-pix_fmt",
-            "nv12",
-            "-s",
-            &size,
-            "-i",
-            &d("f.nv12"),
-            "-vf",
-            back,
-            "-pix_fmt",
-            "rgb24",
-            "-f",
-            "rawvideo",
-            &d("ref_nv12.rgb"),
-        ],
-    );
+    // ffmpeg's RGB of each raw frame: the reference.
+    let decode = |pix_fmt: &str, input: &str, out: &str| {
+        ff(
+            &exe,
+            &[
+                "-f",
+                "rawvideo",
+                "-pix_fmt",
+                pix_fmt,
+                "-s",
+                &size,
+                "-i",
+                &d(input),
+                "-vf",
+                back,
+                "-pix_fmt",
+                "rgb24",
+                "-f",
+                "rawvideo",
+                &d(out),
+            ],
+        )
+    };
+    decode("yuyv422", "f.yuyv", "ref_yuyv.rgb");
+    decode("nv12", "f.nv12", "ref_nv12.rgb");
     ff(
         &exe,
         &[
