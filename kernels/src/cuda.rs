@@ -15,26 +15,53 @@ use cudarc::driver::{
 };
 use std::ffi::{c_char, CString};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+
+/// Kernel parameters as an array of pointers to locals (`cuLaunchKernel`'s form), on the stack.
+macro_rules! params {
+    ($($v:ident),* $(,)?) => {
+        &mut [$(std::ptr::addr_of!($v) as *mut std::ffi::c_void),*]
+    };
+}
+
+mod frame;
+pub use frame::{GpuFrame, GpuProjector, GpuTimings};
 
 /// The CUDA C source of every kernel.
 pub const SOURCE: &str = include_str!("cuda/kernels.cu");
 /// Entry points in [`SOURCE`].
-pub const KERNELS: [&str; 7] = [
+pub const KERNELS: [&str; 14] = [
     "unit_rows_f16",
-    "nn_residual",
+    "nn_search",
+    "nn_finish",
     "lkv_attention",
+    "lkv_attention_mma",
     "level_norms",
     "assemble",
     "gauss",
     "max_reduce",
+    "fill_rows",
+    "scale_or_rsub",
+    "col_mean",
+    "matvec_act",
+    "gelu_gated",
 ];
 /// Architectures edge-ad ships cubins for: Xavier, Orin, H100 (testing).
 pub const TARGETS: [&str; 3] = ["sm_72", "sm_87", "sm_90"];
-/// Threads per block of `nn_residual` (4 warps).
+/// Threads per block of `nn_search` (4 warps).
 pub const NN_THREADS: u32 = 128;
-/// Queries per `nn_residual` block.
+/// Queries per `nn_search` block.
 pub const NN_BM: usize = 16;
+/// Most bank splits `nn_finish` merges (one per lane).
+pub const NN_MAX_SPLITS: usize = 32;
+
+/// Bank splits and rows per split for `m` bank rows: chunks of at least 64 rows (two sweeps of
+/// the block's four warps), at most [`NN_MAX_SPLITS`] of them.
+pub fn nn_splits(m: usize) -> (usize, usize) {
+    let chunk = m.div_ceil(NN_MAX_SPLITS).div_ceil(32).max(2) * 32;
+    (m.div_ceil(chunk).max(1), chunk)
+}
 /// Threads per `lkv_attention` block: one warp per query row.
 pub const ATT_THREADS: u32 = 256;
 /// Largest head dimension `lkv_attention` takes (DINOv2-S: 384 / 16 = 24).
@@ -65,6 +92,12 @@ pub enum CudaError {
     /// A driver call failed.
     #[error("CUDA driver: {0}")]
     Driver(String),
+    /// No `libcublas` could be loaded: the projector's products need it.
+    #[error("cuBLAS (libcublas.so) not found: the projector's linear layers need it on the GPU")]
+    NoCublas,
+    /// A cuBLAS call failed.
+    #[error("cuBLAS: {0}")]
+    Cublas(String),
     /// Inputs of mismatched or unsupported shapes.
     #[error("{0}")]
     Shape(String),
@@ -292,12 +325,29 @@ fn load_or_compile(arch: &str, dir: &Path) -> Result<Vec<u8>, CudaError> {
 
 struct Funcs {
     unit_rows: CudaFunction,
-    nn_residual: CudaFunction,
+    nn_search: CudaFunction,
+    nn_finish: CudaFunction,
     lkv_attention: CudaFunction,
+    lkv_attention_mma: CudaFunction,
     level_norms: CudaFunction,
     assemble: CudaFunction,
     gauss: CudaFunction,
     max_reduce: CudaFunction,
+    fill_rows: CudaFunction,
+    scale_or_rsub: CudaFunction,
+    col_mean: CudaFunction,
+    matvec_act: CudaFunction,
+    gelu_gated: CudaFunction,
+}
+
+/// cuBLAS workspace handed to the handle at load (NVIDIA's recommendation for Hopper), so no
+/// product allocates device memory per frame.
+const CUBLAS_WORKSPACE: usize = 32 << 20;
+
+/// cuBLAS with its own workspace; absent where `libcublas` cannot be loaded.
+struct Blas {
+    handle: cudarc::cublas::CudaBlas,
+    _workspace: CudaSlice<u8>,
 }
 
 /// A CUDA device with the edge-ad kernels loaded.
@@ -306,6 +356,11 @@ pub struct Gpu {
     stream: Arc<CudaStream>,
     f: Funcs,
     arch: String,
+    /// sm_80 or newer: `mma.sync m16n8k16` exists (the attention's tensor-core kernel).
+    tensor_cores: bool,
+    blas: Option<Blas>,
+    /// Device allocations made through this handle (the zero-allocation test reads it).
+    allocations: AtomicUsize,
 }
 
 impl std::fmt::Debug for Gpu {
@@ -338,8 +393,11 @@ impl std::fmt::Debug for GpuBank {
 pub struct GpuKv {
     k: CudaSlice<u16>,
     v: CudaSlice<u16>,
+    /// Per head `V_hᵀ`, `d × refs_padded` (zero-padded): the tensor-core kernel's B operand.
+    vt: CudaSlice<u16>,
     heads: usize,
     refs: usize,
+    refs_padded: usize,
     d: usize,
 }
 
@@ -396,20 +454,341 @@ impl Gpu {
         let get = |name: &str| module.load_function(name).map_err(drv);
         let f = Funcs {
             unit_rows: get("unit_rows_f16")?,
-            nn_residual: get("nn_residual")?,
+            nn_search: get("nn_search")?,
+            nn_finish: get("nn_finish")?,
             lkv_attention: get("lkv_attention")?,
+            lkv_attention_mma: get("lkv_attention_mma")?,
             level_norms: get("level_norms")?,
             assemble: get("assemble")?,
             gauss: get("gauss")?,
             max_reduce: get("max_reduce")?,
+            fill_rows: get("fill_rows")?,
+            scale_or_rsub: get("scale_or_rsub")?,
+            col_mean: get("col_mean")?,
+            matvec_act: get("matvec_act")?,
+            gelu_gated: get("gelu_gated")?,
         };
         let stream = ctx.default_stream();
-        Ok(Self {
+        let mut gpu = Self {
             ctx,
             stream,
             f,
             arch,
+            tensor_cores: major >= 8,
+            blas: None,
+            allocations: AtomicUsize::new(0),
+        };
+        // SAFETY: only probes whether the shared library can be opened.
+        if unsafe { cudarc::cublas::sys::is_culib_present() } {
+            gpu.blas = Some(gpu.open_blas()?);
+        } else {
+            log::info!("cuBLAS not found: a projector, if any, stays on the CPU");
+        }
+        Ok(gpu)
+    }
+
+    fn open_blas(&self) -> Result<Blas, CudaError> {
+        let err = |e: cudarc::cublas::result::CublasError| CudaError::Cublas(format!("{e:?}"));
+        let handle = cudarc::cublas::CudaBlas::new(self.stream.clone()).map_err(err)?;
+        let workspace = self.alloc::<u8>(CUBLAS_WORKSPACE)?;
+        let ptr = self.raw(&workspace);
+        // SAFETY: the workspace lives as long as the handle (both in `Blas`); the math mode keeps
+        // f32 products in f32 (no TF32), as the CPU twin.
+        unsafe {
+            cudarc::cublas::sys::cublasSetWorkspace_v2(
+                *handle.handle(),
+                ptr as *mut std::ffi::c_void,
+                CUBLAS_WORKSPACE,
+            )
+            .result()
+            .map_err(err)?;
+            cudarc::cublas::sys::cublasSetMathMode(
+                *handle.handle(),
+                cudarc::cublas::sys::cublasMath_t::CUBLAS_DEFAULT_MATH,
+            )
+            .result()
+            .map_err(err)?;
+        }
+        Ok(Blas {
+            handle,
+            _workspace: workspace,
         })
+    }
+
+    /// True when cuBLAS was loaded (the projector can run on the GPU).
+    pub fn has_cublas(&self) -> bool {
+        self.blas.is_some()
+    }
+
+    /// The device's name, e.g. `NVIDIA H100 80GB HBM3`.
+    pub fn name(&self) -> String {
+        self.ctx.name().unwrap_or_else(|_| "unknown GPU".into())
+    }
+
+    /// Device allocations made through this handle so far.
+    pub fn allocations(&self) -> usize {
+        self.allocations.load(Ordering::Relaxed)
+    }
+
+    /// Free device memory in bytes (the driver's count).
+    pub fn free_memory(&self) -> Result<usize, CudaError> {
+        self.ctx.mem_get_info().map(|(free, _)| free).map_err(drv)
+    }
+
+    /// A zeroed device buffer, counted.
+    fn alloc<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
+        &self,
+        len: usize,
+    ) -> Result<CudaSlice<T>, CudaError> {
+        self.allocations.fetch_add(1, Ordering::Relaxed);
+        self.stream.alloc_zeros::<T>(len.max(1)).map_err(drv)
+    }
+
+    /// A device copy of `v`, counted.
+    fn upload<T: cudarc::driver::DeviceRepr>(&self, v: &[T]) -> Result<CudaSlice<T>, CudaError> {
+        self.allocations.fetch_add(1, Ordering::Relaxed);
+        self.stream.clone_htod(v).map_err(drv)
+    }
+
+    /// The raw device address of a buffer (single stream: no events are recorded).
+    fn raw<T>(&self, s: &CudaSlice<T>) -> u64 {
+        use cudarc::driver::DevicePtr;
+        s.device_ptr(&self.stream).0
+    }
+
+    /// Make this handle's context current on the calling thread (raw launches need it).
+    fn bind(&self) -> Result<(), CudaError> {
+        self.ctx.bind_to_thread().map_err(drv)
+    }
+
+    /// True when the attention runs on tensor cores for `kv` (sm_80+, even head dimension).
+    pub fn attention_on_tensor_cores(&self, kv: &GpuKv) -> bool {
+        self.tensor_cores && kv.d.is_multiple_of(2)
+    }
+
+    /// spec §4.2 step 3 for `p` query rows at device address `q` (P × C, pre-scaled) into `out`:
+    /// the tensor-core kernel where it runs, else the FFMA kernel (Xavier, odd head dimensions).
+    fn launch_attention(&self, kv: &GpuKv, p: usize, q: u64, out: u64) -> Result<(), CudaError> {
+        let (k, v, vt) = (self.raw(&kv.k), self.raw(&kv.v), self.raw(&kv.vt));
+        let (p_i, n_i, c_i, d_i) = (
+            p as i32,
+            kv.refs as i32,
+            (kv.heads * kv.d) as i32,
+            kv.d as i32,
+        );
+        let np_i = kv.refs_padded as i32;
+        // SAFETY: lkv_attention_mma(const float*, const half*, const half*, float*, int, int, int,
+        // int, int) and lkv_attention(const float*, const half*, const half*, float*, int, int,
+        // int, int); q and out hold P·C floats, K/V heads·N_r·d halves, V_hᵀ heads·d·N_pad; d ≤ 32
+        // (checked at upload) and even for the tensor-core kernel.
+        unsafe {
+            if self.attention_on_tensor_cores(kv) {
+                self.launch_raw(
+                    &self.f.lkv_attention_mma,
+                    (grid_1d(p, 16), kv.heads as u32, 1),
+                    32,
+                    0,
+                    params!(q, k, vt, out, p_i, n_i, np_i, c_i, d_i),
+                )
+            } else {
+                self.launch_raw(
+                    &self.f.lkv_attention,
+                    (grid_1d(p, (ATT_THREADS / 32) as usize), kv.heads as u32, 1),
+                    ATT_THREADS,
+                    0,
+                    params!(q, k, v, out, p_i, n_i, c_i, d_i),
+                )
+            }
+        }
+    }
+
+    /// spec §3.3's normalisation: `rows` rows of `c` f32 at `x` → unit fp16 rows at `out`.
+    fn launch_unit_rows(&self, x: u64, out: u64, rows: usize, c: usize) -> Result<(), CudaError> {
+        let (rows_i, c_i) = (rows as i32, c as i32);
+        // SAFETY: unit_rows_f16(const float*, half*, int, int); x and out hold rows·c values.
+        unsafe {
+            self.launch_raw(
+                &self.f.unit_rows,
+                (grid_1d(rows * 32, 256), 1, 1),
+                256,
+                0,
+                params!(x, out, rows_i, c_i),
+            )
+        }
+    }
+
+    /// spec §3.3 for `n` unit queries `qu` (fp16) and raw queries `q` (f32), rows of `bank.padded`:
+    /// the split search, then the merge with the residual. `part_best`/`part_idx` hold
+    /// `NN_MAX_SPLITS · n` values.
+    #[allow(clippy::too_many_arguments)]
+    fn launch_residual(
+        &self,
+        bank: &GpuBank,
+        n: usize,
+        qu: u64,
+        q: u64,
+        part_best: u64,
+        part_idx: u64,
+        argmax: u64,
+        residual: u64,
+    ) -> Result<(), CudaError> {
+        let (splits, chunk) = nn_splits(bank.rows);
+        let (bu, br) = (self.raw(&bank.unit), self.raw(&bank.raw));
+        let (n_i, m_i, c_i) = (n as i32, bank.rows as i32, bank.padded as i32);
+        let (chunk_i, splits_i) = (chunk as i32, splits as i32);
+        // SAFETY: nn_search(const half*, const half*, int, int, int, int, float*, int*) and
+        // nn_finish(const float*, const int*, int, const float*, const half*, int, int, int*,
+        // float*); queries and residual hold n rows of `padded` (a multiple of 16), the partial
+        // buffers splits·n ≤ NN_MAX_SPLITS·n values, argmax n.
+        unsafe {
+            self.launch_raw(
+                &self.f.nn_search,
+                (grid_1d(n, NN_BM), splits as u32, 1),
+                NN_THREADS,
+                (NN_BM * bank.padded * 2) as u32,
+                params!(qu, bu, n_i, m_i, c_i, chunk_i, part_best, part_idx),
+            )?;
+            self.launch_raw(
+                &self.f.nn_finish,
+                (grid_1d(n * 32, 256), 1, 1),
+                256,
+                0,
+                params!(part_best, part_idx, splits_i, q, br, n_i, c_i, argmax, residual),
+            )
+        }
+    }
+
+    /// Launch with a parameter array on the stack: the builder's per-launch vectors would be
+    /// host allocations, and the frame path makes none.
+    ///
+    /// # Safety
+    /// `params` must point at values whose types and order match the kernel's parameters, and
+    /// every device address in them must be valid for the kernel's accesses.
+    unsafe fn launch_raw(
+        &self,
+        f: &CudaFunction,
+        grid: (u32, u32, u32),
+        block: u32,
+        shared: u32,
+        params: &mut [*mut std::ffi::c_void],
+    ) -> Result<(), CudaError> {
+        cudarc::driver::result::launch_kernel(
+            f.cu_function(),
+            grid,
+            (block, 1, 1),
+            shared,
+            self.stream.cu_stream(),
+            params,
+        )
+        .map_err(drv)
+    }
+
+    /// `C (rows × n) += A (rows × k) · Wᵀ` with `W` `n × k`, all row-major f32 (PyTorch's
+    /// `Linear` layout), by cuBLAS SGEMM: column-major it is `Cᵀ = W · Aᵀ`, i.e. `op(W) = T`.
+    ///
+    /// # Safety
+    /// The addresses must hold `rows·k`, `n·k` and `rows·n` floats.
+    unsafe fn sgemm_nt(
+        &self,
+        rows: usize,
+        n: usize,
+        k: usize,
+        a: u64,
+        w: u64,
+        c: u64,
+    ) -> Result<(), CudaError> {
+        use cudarc::cublas::sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
+        let blas = self.blas.as_ref().ok_or(CudaError::NoCublas)?;
+        let one = 1.0f32;
+        cudarc::cublas::result::sgemm(
+            *blas.handle.handle(),
+            CUBLAS_OP_T,
+            CUBLAS_OP_N,
+            n as i32,
+            rows as i32,
+            k as i32,
+            &one,
+            w as *const f32,
+            k as i32,
+            a as *const f32,
+            k as i32,
+            &one,
+            c as *mut f32,
+            n as i32,
+        )
+        .map_err(|e| CudaError::Cublas(format!("{e:?}")))
+    }
+
+    /// cuBLAS fp16 GEMM rate (TFLOP/s, f32 accumulation) of an `m×n×k` product, median of `reps`
+    /// timed by CUDA events: the yardstick the kernels' rates are read against (issue: bench).
+    pub fn gemm_f16_tflops(
+        &self,
+        m: usize,
+        n: usize,
+        k: usize,
+        reps: usize,
+    ) -> Result<f64, CudaError> {
+        use cudarc::cublas::sys::{
+            cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            cublasGemmAlgo_t::CUBLAS_GEMM_DFALT,
+            cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T},
+            cudaDataType_t::CUDA_R_16F,
+        };
+        let blas = self.blas.as_ref().ok_or(CudaError::NoCublas)?;
+        let fill = |len: usize, step: usize| -> Vec<u16> {
+            (0..len)
+                .map(|i| half::f16::from_f32(((i * step) % 17) as f32 * 0.01).to_bits())
+                .collect()
+        };
+        let a = self.upload(&fill(m * k, 7))?;
+        let b = self.upload(&fill(n * k, 5))?;
+        let c = self.alloc::<u16>(m * n)?;
+        let (pa, pb, pc) = (self.raw(&a), self.raw(&b), self.raw(&c));
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        let run = || {
+            // SAFETY: a, b, c hold m·k, n·k and m·n halves; scalars are f32 (compute 32F).
+            unsafe {
+                cudarc::cublas::result::gemm_ex(
+                    *blas.handle.handle(),
+                    CUBLAS_OP_T,
+                    CUBLAS_OP_N,
+                    n as i32,
+                    m as i32,
+                    k as i32,
+                    &alpha as *const f32 as *const _,
+                    pb as *const _,
+                    CUDA_R_16F,
+                    k as i32,
+                    pa as *const _,
+                    CUDA_R_16F,
+                    k as i32,
+                    &beta as *const f32 as *const _,
+                    pc as *mut _,
+                    CUDA_R_16F,
+                    n as i32,
+                    CUBLAS_COMPUTE_32F,
+                    CUBLAS_GEMM_DFALT,
+                )
+            }
+            .map_err(|e| CudaError::Cublas(format!("{e:?}")))
+        };
+        let timed = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+        let (start, end) = (
+            self.ctx.new_event(timed).map_err(drv)?,
+            self.ctx.new_event(timed).map_err(drv)?,
+        );
+        for _ in 0..3 {
+            run()?;
+        }
+        let mut ms = Vec::with_capacity(reps);
+        for _ in 0..reps.max(1) {
+            start.record(&self.stream).map_err(drv)?;
+            run()?;
+            end.record(&self.stream).map_err(drv)?;
+            ms.push(start.elapsed_ms(&end).map_err(drv)? as f64);
+        }
+        ms.sort_by(f64::total_cmp);
+        Ok(2.0 * (m * n * k) as f64 / (ms[ms.len() / 2] * 1e-3) / 1e12)
     }
 
     /// The device's architecture, e.g. `sm_90`.
@@ -421,12 +800,19 @@ impl Gpu {
     pub fn registers(&self, kernel: &str) -> Option<i32> {
         let f = match kernel {
             "unit_rows_f16" => &self.f.unit_rows,
-            "nn_residual" => &self.f.nn_residual,
+            "nn_search" => &self.f.nn_search,
+            "nn_finish" => &self.f.nn_finish,
             "lkv_attention" => &self.f.lkv_attention,
+            "lkv_attention_mma" => &self.f.lkv_attention_mma,
             "level_norms" => &self.f.level_norms,
             "assemble" => &self.f.assemble,
             "gauss" => &self.f.gauss,
             "max_reduce" => &self.f.max_reduce,
+            "fill_rows" => &self.f.fill_rows,
+            "scale_or_rsub" => &self.f.scale_or_rsub,
+            "col_mean" => &self.f.col_mean,
+            "matvec_act" => &self.f.matvec_act,
+            "gelu_gated" => &self.f.gelu_gated,
             _ => return None,
         };
         f.num_regs().ok()
@@ -437,8 +823,8 @@ impl Gpu {
         let (c, padded) = (bank.channels(), bank.channels().div_ceil(16) * 16);
         let unit = pad_rows(&to_f16_bits(bank.unit()), c, padded);
         let raw = pad_rows(&to_f16_bits(bank.raw()), c, padded);
-        let unit = self.stream.clone_htod(&unit).map_err(drv)?;
-        let raw = self.stream.clone_htod(&raw).map_err(drv)?;
+        let unit = self.upload(&unit)?;
+        let raw = self.upload(&raw)?;
         Ok(GpuBank {
             unit,
             raw,
@@ -473,37 +859,24 @@ impl Gpu {
         let n = queries.len() / c;
         let cp = bank.padded;
         let s = &self.stream;
-        let q = s.clone_htod(&pad_rows(queries, c, cp)).map_err(drv)?;
-        let mut qu = s.alloc_zeros::<u16>(n * cp).map_err(drv)?;
-        let mut am = s.alloc_zeros::<i32>(n).map_err(drv)?;
-        let mut res = s.alloc_zeros::<f32>(n * cp).map_err(drv)?;
-        let (n_i, m_i, c_i) = (n as i32, bank.rows as i32, cp as i32);
-        let cfg = LaunchConfig {
-            grid_dim: (grid_1d(n * 32, 256), 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let mut b = s.launch_builder(&self.f.unit_rows);
-        b.arg(&q).arg(&mut qu).arg(&n_i).arg(&c_i);
-        // SAFETY: argument types and order match `unit_rows_f16`; buffers hold n·c elements.
-        unsafe { b.launch(cfg) }.map_err(drv)?;
-        let cfg = LaunchConfig {
-            grid_dim: (grid_1d(n, NN_BM), 1, 1),
-            block_dim: (NN_THREADS, 1, 1),
-            shared_mem_bytes: (NN_BM * cp * 2) as u32,
-        };
-        let mut b = s.launch_builder(&self.f.nn_residual);
-        b.arg(&qu)
-            .arg(&bank.unit)
-            .arg(&q)
-            .arg(&bank.raw)
-            .arg(&n_i)
-            .arg(&m_i)
-            .arg(&c_i)
-            .arg(&mut am)
-            .arg(&mut res);
-        // SAFETY: argument types and order match `nn_residual`; c % 16 == 0 was checked.
-        unsafe { b.launch(cfg) }.map_err(drv)?;
+        let q = self.upload(&pad_rows(queries, c, cp))?;
+        let qu = self.alloc::<u16>(n * cp)?;
+        let am = self.alloc::<i32>(n)?;
+        let res = self.alloc::<f32>(n * cp)?;
+        self.bind()?;
+        self.launch_unit_rows(self.raw(&q), self.raw(&qu), n, cp)?;
+        let part_best = self.alloc::<f32>(NN_MAX_SPLITS * n)?;
+        let part_idx = self.alloc::<i32>(NN_MAX_SPLITS * n)?;
+        self.launch_residual(
+            bank,
+            n,
+            self.raw(&qu),
+            self.raw(&q),
+            self.raw(&part_best),
+            self.raw(&part_idx),
+            self.raw(&am),
+            self.raw(&res),
+        )?;
         let am_host: Vec<i32> = s.clone_dtoh(&am).map_err(drv)?;
         if cp == c {
             s.memcpy_dtoh(&res, residual).map_err(drv)?;
@@ -542,13 +915,25 @@ impl Gpu {
                 "head dimension {d}: the GPU attention takes at most {ATT_MAX_HEAD_DIM} (the CPU path serves larger)"
             )));
         }
-        let k = self.stream.clone_htod(&to_f16_bits(k_heads)).map_err(drv)?;
-        let v = self.stream.clone_htod(&to_f16_bits(v_heads)).map_err(drv)?;
+        let k = self.upload(&to_f16_bits(k_heads))?;
+        let v = self.upload(&to_f16_bits(v_heads))?;
+        let refs_padded = refs.div_ceil(16) * 16;
+        let mut vt = vec![0.0f32; heads * d * refs_padded];
+        for h in 0..heads {
+            for j in 0..refs {
+                for i in 0..d {
+                    vt[(h * d + i) * refs_padded + j] = v_heads[(h * refs + j) * d + i];
+                }
+            }
+        }
+        let vt = self.upload(&to_f16_bits(&vt))?;
         Ok(GpuKv {
             k,
             v,
+            vt,
             heads,
             refs,
+            refs_padded,
             d,
         })
     }
@@ -567,27 +952,10 @@ impl Gpu {
         }
         let p = q.len() / c;
         let s = &self.stream;
-        let q_dev = s.clone_htod(q).map_err(drv)?;
-        let mut o = s.alloc_zeros::<f32>(q.len()).map_err(drv)?;
-        let rows_per_block = (ATT_THREADS / 32) as usize;
-        let cfg = LaunchConfig {
-            grid_dim: (grid_1d(p, rows_per_block), kv.heads as u32, 1),
-            block_dim: (ATT_THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let (p_i, n_i, c_i, d_i) = (p as i32, kv.refs as i32, c as i32, kv.d as i32);
-        let mut b = s.launch_builder(&self.f.lkv_attention);
-        b.arg(&q_dev)
-            .arg(&kv.k)
-            .arg(&kv.v)
-            .arg(&mut o)
-            .arg(&p_i)
-            .arg(&n_i)
-            .arg(&c_i)
-            .arg(&d_i);
-        // SAFETY: argument types and order match `lkv_attention`; d ≤ ATT_MAXD was checked at
-        // upload; q and out hold P·C values.
-        unsafe { b.launch(cfg) }.map_err(drv)?;
+        let q_dev = self.upload(q)?;
+        let o = self.alloc::<f32>(q.len())?;
+        self.bind()?;
+        self.launch_attention(kv, p, self.raw(&q_dev), self.raw(&o))?;
         s.memcpy_dtoh(&o, out).map_err(drv)?;
         s.synchronize().map_err(drv)?;
         Ok(())

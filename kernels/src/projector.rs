@@ -26,22 +26,22 @@ pub struct LevelProjector {
     channels: usize,
     refs: usize,
     se_hidden: usize,
-    w_q: Vec<f32>,
-    b_q: Vec<f32>,
+    pub(crate) w_q: Vec<f32>,
+    pub(crate) b_q: Vec<f32>,
     /// Per head, `refs × d` contiguous: `K_h`.
-    k_heads: Vec<f32>,
+    pub(crate) k_heads: Vec<f32>,
     /// Per head, `refs × d` contiguous: `V_h`.
-    v_heads: Vec<f32>,
-    w_o: Vec<f32>,
-    b_o: Vec<f32>,
-    w_1: Vec<f32>,
-    b_1: Vec<f32>,
-    w_s1: Vec<f32>,
-    b_s1: Vec<f32>,
-    w_s2: Vec<f32>,
-    b_s2: Vec<f32>,
-    w_2: Vec<f32>,
-    b_2: Vec<f32>,
+    pub(crate) v_heads: Vec<f32>,
+    pub(crate) w_o: Vec<f32>,
+    pub(crate) b_o: Vec<f32>,
+    pub(crate) w_1: Vec<f32>,
+    pub(crate) b_1: Vec<f32>,
+    pub(crate) w_s1: Vec<f32>,
+    pub(crate) b_s1: Vec<f32>,
+    pub(crate) w_s2: Vec<f32>,
+    pub(crate) b_s2: Vec<f32>,
+    pub(crate) w_2: Vec<f32>,
+    pub(crate) b_2: Vec<f32>,
     /// Per head, `K_h` packed in 16-reference panels for the AVX-512 attention (when available).
     #[cfg(target_arch = "x86_64")]
     k_panels: Option<Vec<f32>>,
@@ -565,46 +565,12 @@ mod tests {
         assert!((r[0] - r[1]).abs() < 1e-9 && r[2] < r[0]);
     }
 
-    /// A generated projector of width `c` with `n` learnable references, as safetensors bytes.
-    fn generated(c: usize, n: usize) -> Vec<u8> {
-        let shapes: Vec<(String, Vec<usize>)> = state_dict_shapes(c, n, se_width(c))
-            .into_iter()
-            .map(|(k, s)| (format!("l1_proj.{k}"), s))
-            .collect();
-        let data: Vec<Vec<u8>> = shapes
-            .iter()
-            .enumerate()
-            .map(|(i, (k, s))| {
-                let fan_in: usize = s[1..].iter().product::<usize>().max(1);
-                let scale = if k.ends_with("x_ref") {
-                    1.0
-                } else {
-                    1.0 / (fan_in as f32).sqrt()
-                };
-                crate::weights::generated_tensor(100 + i as u64, s.iter().product(), scale)
-                    .iter()
-                    .flat_map(|v| v.to_le_bytes())
-                    .collect()
-            })
-            .collect();
-        let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = shapes
-            .iter()
-            .zip(&data)
-            .map(|((k, s), d)| {
-                (
-                    k.clone(),
-                    safetensors::tensor::TensorView::new(Dtype::F32, s.clone(), d).unwrap(),
-                )
-            })
-            .collect();
-        safetensors::serialize(views, &None).unwrap()
-    }
-
     #[test]
     fn simd_attention_equals_portable_at_awkward_sizes() {
         // head dims 3, 24, 40 (1, 2 and 3 zmm per row); refs and positions not multiples of 16 / 8.
         for (c, n, positions) in [(48, 37, 19), (384, 70, 33), (640, 21, 9)] {
-            let fast = Projector::from_safetensors(&generated(c, n)).unwrap();
+            let fast =
+                Projector::from_safetensors(&crate::weights::generated_projector(1, c, n)).unwrap();
             let slow = fast.clone();
             let slow = Projector {
                 levels: slow

@@ -3,8 +3,49 @@
 #![cfg(feature = "cuda")]
 
 use edge_ad_kernels::cuda::{self, CudaError, Gpu};
-use edge_ad_kernels::{nearest_residual, BankDtype, FeatureNorm, LevelBank, NormForm, Par};
+use edge_ad_kernels::{
+    nearest_residual, BankDtype, FeatureNorm, LevelBank, NormForm, Par, Projector,
+};
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// Counts the host allocations of threads that ask for it (the zero-allocation frame test).
+struct CountingAlloc;
+
+static HOST_ALLOCATIONS: AtomicUsize = AtomicUsize::new(0);
+thread_local! {
+    static COUNT_HERE: Cell<bool> = const { Cell::new(false) };
+}
+
+fn note_allocation() {
+    if COUNT_HERE.try_with(Cell::get).unwrap_or(false) {
+        HOST_ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+// SAFETY: forwards to the system allocator unchanged; only counts.
+unsafe impl GlobalAlloc for CountingAlloc {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        note_allocation();
+        System.alloc(layout)
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        System.dealloc(ptr, layout)
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        note_allocation();
+        System.alloc_zeroed(layout)
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        note_allocation();
+        System.realloc(ptr, layout, new_size)
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: CountingAlloc = CountingAlloc;
 
 fn in_ci() -> bool {
     std::env::var_os("CI").is_some_and(|v| !v.is_empty() && v != "false")
@@ -22,9 +63,10 @@ fn sm_limits(arch: &str) -> (u32, u32, u32) {
 /// Threads per block and dynamic shared memory each kernel is launched with (DINOv2-S: C = 384).
 fn launch_shape(kernel: &str) -> (u32, u32) {
     match kernel {
-        "nn_residual" => (cuda::NN_THREADS, (cuda::NN_BM * 384 * 2) as u32),
+        "nn_search" => (cuda::NN_THREADS, (cuda::NN_BM * 384 * 2) as u32),
         "lkv_attention" => (cuda::ATT_THREADS, 0),
-        "assemble" | "gauss" => (128, 0),
+        "lkv_attention_mma" => (32, 0),
+        "assemble" | "gauss" | "col_mean" => (128, 0),
         _ => (256, 0),
     }
 }
@@ -57,6 +99,12 @@ fn nvrtc_compiles_every_kernel_for_xavier_orin_and_h100() {
             c.cubin.len()
         );
         let res = cuda::parse_resources(&c.log);
+        if res.is_empty() && !in_ci() {
+            // CUDA 13's NVRTC gave no ptxas report for sm_90 on a lent GPU machine; CI's CUDA 12
+            // NVRTC gives one for every target, and there the check below is strict.
+            println!("cuda {arch}: compiled ({} bytes); this NVRTC gave no ptxas report, resources not checked", c.cubin.len());
+            continue;
+        }
         let (max_threads, regs_sm, smem_sm) = sm_limits(arch);
         for k in cuda::KERNELS {
             let r = res
@@ -307,19 +355,237 @@ fn gpu_lkv_attention_matches_the_reference() {
             .map(|_| round(2.0 * rnd(&mut seed)))
             .collect();
         let v: Vec<f32> = (0..heads * n * d).map(|_| round(rnd(&mut seed))).collect();
-        let want = attention_reference(&q, &k, &v, heads, n);
         let kv = g.upload_kv(&k, &v, heads, n).unwrap();
+        // The tensor-core kernel takes Q in fp16 (its reference too) and rounds the softmax
+        // weights P to fp16 for the P·V product: that rounding is its tolerance.
+        let mma = g.attention_on_tensor_cores(&kv);
+        let q_ref: Vec<f32> = if mma {
+            q.iter().map(|&x| round(x)).collect()
+        } else {
+            q.clone()
+        };
+        let want = attention_reference(&q_ref, &k, &v, heads, n);
         let mut got = vec![0.0f32; p * c];
         g.lkv_attention(&q, &kv, &mut got).unwrap();
         let err = max_rel_err(&want, &got);
-        println!("cuda lkv_attention p={p} heads={heads} d={d} refs={n}: max rel err {err:.2e}");
-        assert!(err < 1e-4, "p={p} d={d} n={n}: {err}");
+        let (kernel, tol) = if mma {
+            ("tensor cores", 5e-3)
+        } else {
+            ("FFMA", 1e-4)
+        };
+        println!("cuda lkv_attention ({kernel}) p={p} heads={heads} d={d} refs={n}: max rel err {err:.2e}");
+        assert!(err < tol, "p={p} d={d} n={n}: {err}");
     }
     // A head dimension past the kernel's registers is refused, not run.
     let e = g
         .upload_kv(&[0.0; 2 * 40], &[0.0; 2 * 40], 1, 2)
         .unwrap_err();
     assert!(e.to_string().contains("head dimension 40"), "{e}");
+}
+
+/// One frame the CPU way (the reference of [`Gpu::run_frame`]): residual per level, the projector
+/// when given, FeatureNorm. Returns (argmax per level, map, level grids, score).
+fn cpu_frame(
+    queries: &[Vec<f32>],
+    banks: &[LevelBank],
+    projector: Option<&Projector>,
+    fnorm: &FeatureNorm,
+) -> (Vec<Vec<u32>>, Vec<f32>, Vec<f32>, f32) {
+    let c = banks[0].channels();
+    let p = queries[0].len() / c;
+    let (mut argmax, mut feats) = (Vec::new(), Vec::new());
+    for (l, (q, b)) in queries.iter().zip(banks).enumerate() {
+        let (mut a, mut r) = (vec![0u32; p], vec![0.0f32; q.len()]);
+        nearest_residual(q, b, &mut Default::default(), &mut a, &mut r, Par::Single).unwrap();
+        if let Some(pr) = projector {
+            let mut y = vec![0.0f32; r.len()];
+            pr.levels()[l]
+                .forward(&r, &mut y, &mut Default::default(), Par::Single)
+                .unwrap();
+            r = y;
+        }
+        argmax.push(a);
+        feats.push(r);
+    }
+    let views: Vec<&[f32]> = feats.iter().map(Vec::as_slice).collect();
+    let (h, w) = fnorm.out_size();
+    let (mut map, mut grids) = (vec![0.0; h * w], vec![0.0; views.len() * p]);
+    let score = fnorm
+        .score(
+            &views,
+            &mut map,
+            Some(&mut grids),
+            &mut Default::default(),
+            Par::Single,
+        )
+        .unwrap();
+    (argmax, map, grids, score)
+}
+
+struct FrameCase {
+    levels: usize,
+    grid: (usize, usize),
+    c: usize,
+    rows: usize,
+    projector: Option<Projector>,
+    queries: Vec<Vec<f32>>,
+    banks: Vec<LevelBank>,
+    fnorm: FeatureNorm,
+}
+
+fn frame_case(
+    levels: usize,
+    grid: (usize, usize),
+    c: usize,
+    rows: usize,
+    refs: Option<usize>,
+) -> FrameCase {
+    let mut seed = (levels * 1000 + c) as u64;
+    let p = grid.0 * grid.1;
+    let banks = (0..levels)
+        .map(|_| {
+            let v: Vec<f32> = (0..rows * c).map(|_| rnd(&mut seed)).collect();
+            LevelBank::new(rows, c, &v, BankDtype::F16).unwrap()
+        })
+        .collect();
+    let queries = (0..levels)
+        .map(|_| (0..p * c).map(|_| rnd(&mut seed)).collect())
+        .collect();
+    let projector = refs.map(|n| {
+        Projector::from_safetensors(&edge_ad_kernels::weights::generated_projector(levels, c, n))
+            .unwrap()
+    });
+    FrameCase {
+        levels,
+        grid,
+        c,
+        rows,
+        projector,
+        queries,
+        banks,
+        fnorm: FeatureNorm::new(grid, (224, 224), 4.0, NormForm::Code).unwrap(),
+    }
+}
+
+/// The GPU frame's pieces, uploaded once.
+fn gpu_frame(
+    g: &Gpu,
+    case: &FrameCase,
+) -> (
+    Vec<cuda::GpuBank>,
+    Option<Vec<cuda::GpuProjector>>,
+    cuda::GpuFrame,
+) {
+    let banks: Vec<_> = case
+        .banks
+        .iter()
+        .map(|b| g.upload_bank(b).unwrap())
+        .collect();
+    let projectors = case.projector.as_ref().map(|p| {
+        p.levels()
+            .iter()
+            .map(|l| g.upload_projector(l).unwrap())
+            .collect::<Vec<_>>()
+    });
+    let frame = g
+        .frame(
+            case.levels,
+            case.c,
+            &case.fnorm,
+            projectors.as_ref().map(|v| &v[0]),
+        )
+        .unwrap();
+    (banks, projectors, frame)
+}
+
+/// The whole frame on the GPU against the CPU frame: at the DINOv2-S shape with the generated
+/// full-size projector (4 levels, C = 384, N_r = 2048, 2048 bank rows), without it, and at the
+/// demo's shape (one 14×14 level of 152 channels: padded to 160 on the device).
+#[test]
+fn gpu_frame_matches_the_cpu_frame() {
+    let Some(g) = gpu() else { return };
+    let identity: Vec<usize> = (0..4).collect();
+    for (name, case) in [
+        (
+            "DINOv2-S + projector",
+            frame_case(4, (16, 16), 384, 2048, Some(2048)),
+        ),
+        ("DINOv2-S", frame_case(4, (16, 16), 384, 2048, None)),
+        ("demo", frame_case(1, (14, 14), 152, 784, None)),
+    ] {
+        let (argmax, map, grids, score) = cpu_frame(
+            &case.queries,
+            &case.banks,
+            case.projector.as_ref(),
+            &case.fnorm,
+        );
+        let (banks, projectors, mut frame) = gpu_frame(&g, &case);
+        for (l, q) in case.queries.iter().enumerate() {
+            frame.stage(l, q).unwrap();
+        }
+        let proj = projectors.as_deref().map(|v| (v, &identity[..case.levels]));
+        let gscore = g.run_frame(&mut frame, &banks, proj).unwrap();
+        let p = case.grid.0 * case.grid.1;
+        let flips: usize = (0..case.levels)
+            .map(|l| {
+                frame
+                    .argmax(l)
+                    .zip(&argmax[l])
+                    .filter(|(a, b)| a != *b)
+                    .count()
+            })
+            .sum();
+        let (map_err, grid_err) = (
+            max_rel_err(&map, frame.map()),
+            max_rel_err(&grids, frame.level_maps()),
+        );
+        let score_err = ((gscore - score) / score).abs();
+        println!(
+            "cuda frame [{name}]: {} levels × {p} × {} vs {} rows: map max rel err {map_err:.2e}, level grids {grid_err:.2e}, score {score:.5} vs {gscore:.5} (rel {score_err:.2e}), argmax flips {flips}/{}",
+            case.levels, case.c, case.rows, case.levels * p
+        );
+        assert!(
+            map_err <= 2e-2 && grid_err <= 2e-2 && score_err <= 2e-2,
+            "{name}"
+        );
+        assert!(flips * 100 <= case.levels * p, "{name}: {flips} flips");
+        assert_eq!(frame.score(), gscore);
+    }
+}
+
+/// Steady state allocates nothing: no device allocation through the handle, no change in the
+/// driver's free memory, no host allocation by edge-ad's code (the counting allocator; CUDA's own
+/// libraries allocate with C's malloc, which it does not see).
+#[test]
+fn gpu_frame_allocates_nothing_per_frame() {
+    let Some(g) = gpu() else { return };
+    let case = frame_case(4, (16, 16), 384, 2048, Some(2048));
+    let (banks, projectors, mut frame) = gpu_frame(&g, &case);
+    let identity: Vec<usize> = (0..4).collect();
+    let proj = projectors.as_deref().map(|v| (v, &identity[..]));
+    let run = |frame: &mut cuda::GpuFrame| -> f32 {
+        for (l, q) in case.queries.iter().enumerate() {
+            frame.stage(l, q).unwrap();
+        }
+        g.run_frame(frame, &banks, proj).unwrap()
+    };
+    for _ in 0..3 {
+        run(&mut frame);
+    }
+    let (device_before, free_before) = (g.allocations(), g.free_memory().unwrap());
+    COUNT_HERE.with(|c| c.set(true));
+    let host_before = HOST_ALLOCATIONS.load(Ordering::Relaxed);
+    let mut scores = 0.0;
+    for _ in 0..20 {
+        scores += run(&mut frame);
+    }
+    let host = HOST_ALLOCATIONS.load(Ordering::Relaxed) - host_before;
+    COUNT_HERE.with(|c| c.set(false));
+    let (device, free) = (g.allocations() - device_before, g.free_memory().unwrap());
+    println!(
+        "cuda frame allocations over 20 frames: host {host}, device {device}, free memory {free_before} → {free} bytes (scores summed {scores})"
+    );
+    assert_eq!((host, device, free), (0, 0, free_before));
 }
 
 /// Timings on a GPU (run explicitly: `--ignored`): each call includes its host↔device copies.
@@ -370,10 +636,10 @@ fn gpu_timings() {
     let (rm, fm) = (med(&mut times.0), med(&mut times.1));
     let flops = 4.0 * 2.0 * (n * m * c) as f64;
     println!(
-        "cuda timings on {}: residual 4 levels {rm:.3} ms ({:.2} TFLOP/s incl. copies), featurenorm {fm:.3} ms, registers nn_residual {:?}",
+        "cuda timings on {}: residual 4 levels {rm:.3} ms ({:.2} TFLOP/s incl. copies), featurenorm {fm:.3} ms, registers nn_search {:?}",
         g.arch(),
         flops / (rm * 1e-3) / 1e12,
-        g.registers("nn_residual")
+        g.registers("nn_search")
     );
 
     // LKV attention of one level at the DINOv2-S shape (16 heads of 24, N_r = 2048).
@@ -396,6 +662,56 @@ fn gpu_timings() {
         "cuda timings on {}: lkv_attention one level {am:.3} ms ({:.2} TFLOP/s incl. copies), registers {:?}",
         g.arch(),
         flops / (am * 1e-3) / 1e12,
-        g.registers("lkv_attention")
+        g.registers(if g.attention_on_tensor_cores(&kv) {
+            "lkv_attention_mma"
+        } else {
+            "lkv_attention"
+        })
     );
+
+    // The whole frame at the DINOv2-S shape, device times from CUDA events (issue: bench).
+    let gemm_res = g.gemm_f16_tflops(n, m, c, 50).unwrap();
+    let gemm_att = g.gemm_f16_tflops(n, refs, 24, 50).unwrap();
+    let identity: Vec<usize> = (0..4).collect();
+    for refs in [None, Some(2048)] {
+        let case = frame_case(4, (16, 16), 384, 2048, refs);
+        let (banks, projectors, mut frame) = gpu_frame(&g, &case);
+        let proj = projectors.as_deref().map(|v| (v, &identity[..]));
+        let mut t: Vec<Vec<f64>> = vec![Vec::new(); 7];
+        for it in 0..110 {
+            let wall = std::time::Instant::now();
+            for (l, q) in case.queries.iter().enumerate() {
+                frame.stage(l, q).unwrap();
+            }
+            g.run_frame(&mut frame, &banks, proj).unwrap();
+            let w = wall.elapsed().as_secs_f64() * 1e3;
+            let ft = frame.timings();
+            if it >= 10 {
+                for (v, x) in t.iter_mut().zip([
+                    ft.upload_ms,
+                    ft.residual_ms,
+                    ft.projector_ms,
+                    ft.attention_ms,
+                    ft.score_ms,
+                    ft.download_ms,
+                    w,
+                ]) {
+                    v.push(x);
+                }
+            }
+        }
+        let [up, res, proj_ms, att, score, down, wall] =
+            [0, 1, 2, 3, 4, 5, 6].map(|i| med(&mut t[i]));
+        let res_tf = 4.0 * 2.0 * (n * m * c) as f64 / (res * 1e-3) / 1e12;
+        let att_tf =
+            4.0 * 2.0 * 2.0 * (n * refs.unwrap_or(0) * c) as f64 / (att.max(1e-9) * 1e-3) / 1e12;
+        println!(
+            "cuda frame on {} ({}), DINOv2-S shape, 4 levels{}: median ms upload {up:.4}, residual {res:.4} ({res_tf:.1} TFLOP/s), projector {proj_ms:.4} (attention {att:.4}, {att_tf:.1} TFLOP/s), featurenorm {score:.4}, download {down:.4}; three steps {:.4} ms; wall per frame {wall:.4} ms; cuBLAS fp16 GEMM {gemm_res:.1} TFLOP/s at {n}×{m}×{c}, {gemm_att:.1} at {n}×{refs}×24 (attention head)",
+            g.name(),
+            g.arch(),
+            if refs.is_some() { " + projector" } else { "" },
+            res + proj_ms + score,
+            refs = 2048,
+        );
+    }
 }

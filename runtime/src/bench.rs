@@ -61,6 +61,32 @@ pub struct BenchReport {
     pub sgemm_gflops: f64,
     /// `total_ms / backbone_ms`.
     pub total_over_backbone: f64,
+    /// GPU figures (`--device cuda`, or `auto` on a machine with a GPU).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gpu: Option<GpuBench>,
+}
+
+/// The GPU side of a benchmark: device times from CUDA events, rates beside cuBLAS.
+#[derive(Debug, Clone, Serialize)]
+pub struct GpuBench {
+    /// The device, e.g. `NVIDIA H100 80GB HBM3`.
+    pub name: String,
+    /// Its architecture, e.g. `sm_90`.
+    pub arch: String,
+    /// Residual search rate (similarity product, all levels), TFLOP/s.
+    pub residual_tflops: f64,
+    /// The projector's fused attention, median ms (only with a projector).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attention_ms: Option<f64>,
+    /// Its rate (QKᵀ and PV products), TFLOP/s.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attention_tflops: Option<f64>,
+    /// Host↔device copies per frame, median ms.
+    pub transfer_ms: f64,
+    /// Residual + projector + FeatureNorm on the device, median ms.
+    pub kernels_ms: f64,
+    /// cuBLAS fp16 GEMM (f32 accumulation) at the residual product's shape, same run, TFLOP/s.
+    pub gemm_tflops: f64,
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -127,8 +153,8 @@ pub fn run(
         frames_n,
         pipeline.threads()
     ));
-    let mut t: Vec<Vec<f64>> = (0..7).map(|_| Vec::with_capacity(frames_n)).collect();
-    let (mut windows, mut res_sum, mut proj_sum) = (0usize, 0.0f64, 0.0f64);
+    let mut t: Vec<Vec<f64>> = (0..10).map(|_| Vec::with_capacity(frames_n)).collect();
+    let (mut windows, mut res_sum, mut proj_sum, mut att_sum) = (0usize, 0.0f64, 0.0f64, 0.0f64);
     for i in 0..opts.warmup + frames_n {
         let (p, img) = &frames[i % frames.len()];
         let r = pipeline.inspect(img, p, &bank)?;
@@ -142,16 +168,20 @@ pub fn run(
                 tm.score_ms,
                 tm.total_ms,
                 tm.tiles as f64,
+                tm.attention_ms,
+                tm.transfer_ms,
+                tm.residual_ms + tm.projector_ms + tm.score_ms,
             ]) {
                 v.push(x);
             }
             windows += tm.tiles;
             res_sum += tm.residual_ms;
             proj_sum += tm.projector_ms;
+            att_sum += tm.attention_ms;
         }
     }
-    let [pre, bb, res, proj, score, total, tiles] =
-        [0, 1, 2, 3, 4, 5, 6].map(|i| median(&mut t[i]));
+    let [pre, bb, res, proj, score, total, tiles, att, transfer, kernels] =
+        [0, 1, 2, 3, 4, 5, 6, 7, 8, 9].map(|i| median(&mut t[i]));
     let d = &pipeline.description().desc;
     let (p, c) = (d.positions(), d.features.channels);
     let rows = bank.levels[0].rows();
@@ -165,6 +195,32 @@ pub fn run(
         .map(|pr| pr.levels().iter().map(|l| l.flops(p)).sum::<f64>());
     progress("measuring SGEMM at the residual product's size");
     let sgemm = sgemm_gflops(pipeline, p, rows, c, 30);
+    let gpu = match pipeline.gpu() {
+        None => None,
+        Some(g) => {
+            progress("measuring the cuBLAS fp16 GEMM at the residual product's size");
+            let gemm = g
+                .gemm_f16_tflops(p, rows, c, 50)
+                .map_err(|e| Error::Gpu(e.to_string()))?;
+            let att_flops = pipeline.projector().map(|pr| {
+                pr.levels()
+                    .iter()
+                    .map(|l| 4.0 * (p * l.refs() * c) as f64)
+                    .sum::<f64>()
+            });
+            Some(GpuBench {
+                name: g.name(),
+                arch: g.arch().to_string(),
+                residual_tflops: res_flops * windows as f64 / (res_sum * 1e-3) / 1e12,
+                attention_ms: att_flops.map(|_| att),
+                attention_tflops: att_flops
+                    .map(|f| f * windows as f64 / (att_sum.max(1e-12) * 1e-3) / 1e12),
+                transfer_ms: transfer,
+                kernels_ms: kernels,
+                gemm_tflops: gemm,
+            })
+        }
+    };
     Ok(BenchReport {
         threads: pipeline.threads(),
         frames: frames_n,
@@ -181,5 +237,6 @@ pub fn run(
         projector_gflops: proj_flops.map(|f| f * windows as f64 / (proj_sum * 1e-3) / 1e9),
         sgemm_gflops: sgemm,
         total_over_backbone: total / bb,
+        gpu,
     })
 }

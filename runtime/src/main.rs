@@ -46,7 +46,7 @@ struct ModelArgs {
     /// description).
     #[arg(long)]
     fit: Option<Fit>,
-    /// Where residual search and scoring run: cpu | cuda | auto (CUDA when usable, else CPU).
+    /// Where residual search, projector and scoring run: cpu | cuda | auto (CUDA when usable, else CPU).
     #[arg(long, default_value = "auto")]
     device: Device,
 }
@@ -81,7 +81,7 @@ enum Command {
         /// Threads (0 = all cores).
         #[arg(long, default_value_t = 0)]
         threads: usize,
-        /// Where residual search and scoring run: cpu | cuda | auto.
+        /// Where residual search, projector and scoring run: cpu | cuda | auto.
         #[arg(long, default_value = "auto")]
         device: Device,
         /// One JSON object per part (full-precision score), then a summary object.
@@ -184,7 +184,7 @@ enum Command {
         /// Threads (0 = all cores).
         #[arg(long, default_value_t = 0)]
         threads: usize,
-        /// Where residual search and scoring run: cpu | cuda | auto.
+        /// Where residual search, projector and scoring run: cpu | cuda | auto.
         #[arg(long, default_value = "auto")]
         device: Device,
         /// References per bank.
@@ -788,6 +788,23 @@ fn run(cli: Cli) -> Result<()> {
                     "  sgemm at the residual size: {:.1} GFLOP/s",
                     r.sgemm_gflops
                 );
+                if let Some(g) = &r.gpu {
+                    println!(
+                        "  GPU {} ({}), device times from CUDA events:",
+                        g.name, g.arch
+                    );
+                    println!(
+                        "    residual {:.1} TFLOP/s; cuBLAS fp16 GEMM at that shape {:.1} TFLOP/s",
+                        g.residual_tflops, g.gemm_tflops
+                    );
+                    if let (Some(ms), Some(tf)) = (g.attention_ms, g.attention_tflops) {
+                        println!("    LKV attention {ms:.3} ms, {tf:.1} TFLOP/s");
+                    }
+                    println!(
+                        "    residual + projector + FeatureNorm {:.3} ms, copies {:.3} ms",
+                        g.kernels_ms, g.transfer_ms
+                    );
+                }
             }
         }
     }

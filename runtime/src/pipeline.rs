@@ -73,6 +73,10 @@ pub struct Timings {
     pub projector_ms: f64,
     /// FeatureNorm map and score.
     pub score_ms: f64,
+    /// GPU only: the projector's fused LKV attention (inside `projector_ms`).
+    pub attention_ms: f64,
+    /// GPU only: the frame's two host↔device copies (features in, results out).
+    pub transfer_ms: f64,
     /// Choosing the frame's references and building its bank (semantic-aligned banks only).
     pub align_ms: f64,
     /// All of the above.
@@ -331,11 +335,13 @@ impl FrameState {
     pub fn argmax(&self) -> &[Vec<u32>] {
         &self.argmax
     }
-    /// Residuals of the last frame, per level.
+    /// Residuals of the last frame, per level (CPU path; on the GPU they stay on the device and
+    /// this is empty).
     pub fn residuals(&self) -> &[Vec<f32>] {
         &self.residual
     }
-    /// Projector outputs of the last frame, per level (empty without a projector).
+    /// Projector outputs of the last frame, per level (empty without a projector, and on the GPU
+    /// path, where they stay on the device).
     pub fn projected(&self) -> &[Vec<f32>] {
         &self.projected
     }
@@ -352,8 +358,16 @@ pub struct Pipeline {
     projector: Option<(Projector, PathBuf, String)>,
     scorer: FeatureNorm,
     pool: Arc<rayon::ThreadPool>,
-    gpu: Option<edge_ad_kernels::cuda::Gpu>,
+    gpu: Option<GpuSide>,
     state: FrameState,
+}
+
+/// The GPU side of a pipeline: the device, the projector's levels on it, and one frame's buffers
+/// (sized on the first frame, for the bank's level count; issue: memory).
+struct GpuSide {
+    gpu: edge_ad_kernels::cuda::Gpu,
+    projector: Option<Vec<edge_ad_kernels::cuda::GpuProjector>>,
+    frame: Option<edge_ad_kernels::cuda::GpuFrame>,
 }
 
 impl std::fmt::Debug for Pipeline {
@@ -446,7 +460,7 @@ impl Pipeline {
             argmax: vec![Vec::new(); levels],
             ..Default::default()
         };
-        let gpu = open_gpu(opts.device)?;
+        let gpu = open_gpu(opts.device, projector.as_ref().map(|p| &p.0))?;
         Ok(Self {
             desc,
             backbone,
@@ -484,9 +498,14 @@ impl Pipeline {
         }
     }
 
+    /// The GPU the kernels run on, if any (`None`: CPU kernels).
+    pub fn gpu(&self) -> Option<&edge_ad_kernels::cuda::Gpu> {
+        self.gpu.as_ref().map(|g| &g.gpu)
+    }
+
     /// The GPU architecture the kernels run on, if any (`None`: CPU kernels).
     pub fn gpu_arch(&self) -> Option<&str> {
-        self.gpu.as_ref().map(|g| g.arch())
+        self.gpu.as_ref().map(|g| g.gpu.arch())
     }
 
     /// Threads of the shared pool.
@@ -679,27 +698,15 @@ impl Pipeline {
                 self.desc.desc.taps.len()
             )));
         }
+        let p = self.desc.desc.features.grid[0] * self.desc.desc.features.grid[1];
+        if let Some(side) = self.gpu.as_mut() {
+            return score_on_gpu(side, &mut self.state, &self.scorer, taps, bank, p);
+        }
         let mut timings = Timings::default();
         let st = &mut self.state;
-        let (projector, scorer, gpu) = (&self.projector, &self.scorer, &self.gpu);
-        let p = self.desc.desc.features.grid[0] * self.desc.desc.features.grid[1];
+        let (projector, scorer) = (&self.projector, &self.scorer);
         let (h, w) = scorer.out_size();
         let mut map = vec![0.0f32; h * w];
-        let gpu_err = |e: edge_ad_kernels::cuda::CudaError| Error::Gpu(e.to_string());
-        let gpu_banks = match gpu {
-            Some(g) => {
-                if bank.gpu.get().is_none() {
-                    let up = bank
-                        .levels
-                        .iter()
-                        .map(|l| g.upload_bank(l))
-                        .collect::<Result<Vec<_>, _>>();
-                    let _ = bank.gpu.set(up.map_err(gpu_err)?);
-                }
-                bank.gpu.get()
-            }
-            None => None,
-        };
         let n = bank.levels.len();
         st.argmax.resize(n, Vec::new());
         st.residual.resize(n, Vec::new());
@@ -712,19 +719,14 @@ impl Pipeline {
                 let query = &taps[tap];
                 st.argmax[l].resize(p, 0);
                 st.residual[l].resize(query.len(), 0.0);
-                match (gpu, gpu_banks) {
-                    (Some(g), Some(gb)) => g
-                        .nearest_residual(query, &gb[l], &mut st.argmax[l], &mut st.residual[l])
-                        .map_err(gpu_err)?,
-                    _ => nearest_residual(
-                        query,
-                        lb,
-                        &mut st.residual_ws,
-                        &mut st.argmax[l],
-                        &mut st.residual[l],
-                        Par::Pool,
-                    )?,
-                }
+                nearest_residual(
+                    query,
+                    lb,
+                    &mut st.residual_ws,
+                    &mut st.argmax[l],
+                    &mut st.residual[l],
+                    Par::Pool,
+                )?;
             }
             timings.residual_ms = ms(t.elapsed());
             let t = Instant::now();
@@ -748,22 +750,13 @@ impl Pipeline {
             };
             let views: Vec<&[f32]> = feats.iter().map(Vec::as_slice).collect();
             st.level_maps.resize(views.len() * p, 0.0);
-            let s = match gpu {
-                Some(g) => {
-                    // Per-level grids for the frame state stay CPU-computed (cheap, 4 × 256 norms).
-                    for (v, lm) in views.iter().zip(st.level_maps.chunks_exact_mut(p)) {
-                        scorer.level_map(v, lm)?;
-                    }
-                    g.featurenorm(scorer, &views, &mut map).map_err(gpu_err)?
-                }
-                None => scorer.score(
-                    &views,
-                    &mut map,
-                    Some(&mut st.level_maps),
-                    &mut st.score_ws,
-                    Par::Pool,
-                )?,
-            };
+            let s = scorer.score(
+                &views,
+                &mut map,
+                Some(&mut st.level_maps),
+                &mut st.score_ws,
+                Par::Pool,
+            )?;
             timings.score_ms = ms(t.elapsed());
             Ok(s)
         })?;
@@ -790,7 +783,9 @@ impl Timings {
     fn add_kernels(&mut self, t: &Timings) {
         self.residual_ms += t.residual_ms;
         self.projector_ms += t.projector_ms;
+        self.attention_ms += t.attention_ms;
         self.score_ms += t.score_ms;
+        self.transfer_ms += t.transfer_ms;
     }
 }
 
@@ -841,32 +836,113 @@ impl Stitch {
     }
 }
 
-/// The GPU for `device`: `Auto` falls back to the CPU with one log line (info when no driver is
-/// installed, the normal case on a CPU box; warn when a driver is there but the GPU failed).
-fn open_gpu(device: Device) -> Result<Option<edge_ad_kernels::cuda::Gpu>> {
+/// The GPU for `device`, with the projector's levels uploaded: `Auto` falls back to the CPU with
+/// one log line (info when no driver is installed, the normal case on a CPU box; warn when a
+/// driver is there but the GPU or the projector cannot use it); `Cuda` makes either an error.
+fn open_gpu(device: Device, projector: Option<&Projector>) -> Result<Option<GpuSide>> {
     use edge_ad_kernels::cuda::{CudaError, Gpu};
-    match device {
-        Device::Cpu => Ok(None),
-        Device::Cuda => {
-            let g = Gpu::new().map_err(|e| Error::Gpu(format!("--device cuda: {e}")))?;
-            log::info!("CUDA kernels on {}", g.arch());
-            Ok(Some(g))
-        }
-        Device::Auto => match Gpu::new() {
-            Ok(g) => {
-                log::info!("CUDA kernels on {}", g.arch());
-                Ok(Some(g))
-            }
+    let open = || -> std::result::Result<GpuSide, CudaError> {
+        let gpu = Gpu::new()?;
+        let projector = match projector {
+            Some(p) => Some(
+                p.levels()
+                    .iter()
+                    .map(|l| gpu.upload_projector(l))
+                    .collect::<std::result::Result<Vec<_>, _>>()?,
+            ),
+            None => None,
+        };
+        Ok(GpuSide {
+            gpu,
+            projector,
+            frame: None,
+        })
+    };
+    let side = match device {
+        Device::Cpu => return Ok(None),
+        Device::Cuda => open().map_err(|e| Error::Gpu(format!("--device cuda: {e}")))?,
+        Device::Auto => match open() {
+            Ok(g) => g,
             Err(CudaError::NoDriver) => {
-                log::info!("no CUDA driver: residual search and scoring run on the CPU");
-                Ok(None)
+                log::info!("no CUDA driver: residual search, projector and scoring run on the CPU");
+                return Ok(None);
             }
             Err(e) => {
-                log::warn!("CUDA unavailable ({e}); residual search and scoring run on the CPU");
-                Ok(None)
+                log::warn!(
+                    "CUDA unavailable ({e}); residual search, projector and scoring run on the CPU"
+                );
+                return Ok(None);
             }
         },
+    };
+    log::info!(
+        "CUDA kernels on {} ({}){}",
+        side.gpu.name(),
+        side.gpu.arch(),
+        if side.projector.is_some() {
+            ", projector included"
+        } else {
+            ""
+        }
+    );
+    Ok(Some(side))
+}
+
+/// One window on the GPU (residual, projector, FeatureNorm without a host round trip); the map,
+/// level grids and matched rows come back for the frame state, the residuals stay on the device.
+fn score_on_gpu(
+    side: &mut GpuSide,
+    st: &mut FrameState,
+    scorer: &FeatureNorm,
+    taps: &[Vec<f32>],
+    bank: &Bank,
+    p: usize,
+) -> Result<(Timings, f32, Vec<f32>)> {
+    let gpu_err = |e: edge_ad_kernels::cuda::CudaError| Error::Gpu(e.to_string());
+    let g = &side.gpu;
+    if bank.gpu.get().is_none() {
+        let up = bank
+            .levels
+            .iter()
+            .map(|l| g.upload_bank(l))
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(gpu_err)?;
+        let _ = bank.gpu.set(up);
     }
+    let banks = bank.gpu.get().expect("set above");
+    let n = bank.levels.len();
+    let c = bank.levels[0].channels();
+    if side.frame.as_ref().map(|f| f.shape()) != Some((n, p, c)) {
+        let first = side.projector.as_ref().map(|v| &v[0]);
+        side.frame = Some(g.frame(n, c, scorer, first).map_err(gpu_err)?);
+    }
+    let frame = side.frame.as_mut().expect("sized above");
+    for (l, &tap) in bank.taps.iter().enumerate() {
+        frame.stage(l, &taps[tap]).map_err(gpu_err)?;
+    }
+    let projectors = side.projector.as_deref().map(|v| (v, &bank.taps[..]));
+    let score = g.run_frame(frame, banks, projectors).map_err(gpu_err)?;
+    st.argmax.resize(n, Vec::new());
+    for (l, am) in st.argmax.iter_mut().enumerate() {
+        am.clear();
+        am.extend(frame.argmax(l));
+    }
+    st.level_maps.clear();
+    st.level_maps.extend_from_slice(frame.level_maps());
+    st.residual.iter_mut().for_each(Vec::clear);
+    st.projected.iter_mut().for_each(Vec::clear);
+    let t = frame.timings();
+    let timings = Timings {
+        residual_ms: t.residual_ms,
+        projector_ms: t.projector_ms,
+        attention_ms: t.attention_ms,
+        score_ms: t.score_ms,
+        transfer_ms: t.upload_ms + t.download_ms,
+        total_ms: t.upload_ms + t.residual_ms + t.projector_ms + t.score_ms + t.download_ms,
+        tiles: 1,
+        ..Default::default()
+    };
+    Ok((timings, score, frame.map().to_vec()))
 }
 
 fn ms(d: std::time::Duration) -> f64 {

@@ -354,7 +354,7 @@ fn device_cuda_without_a_gpu_is_a_clear_error_and_auto_falls_back() {
     assert!(out.status.success());
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(
-        log.contains("no CUDA driver: residual search and scoring run on the CPU"),
+        log.contains("no CUDA driver: residual search, projector and scoring run on the CPU"),
         "{log}"
     );
     let err = fails(&["demo", "--device", "tpu"]);

@@ -4,7 +4,7 @@
 
 use edge_ad::pipeline::{Features, Pipeline, PipelineOptions};
 use edge_ad::preprocess::Rgb8;
-use edge_ad::Fit;
+use edge_ad::{Device, Fit};
 use edge_ad_kernels::BankDtype;
 use edge_ad_tests::*;
 use sha2::Digest;
@@ -149,6 +149,9 @@ fn d_end_to_end_real_backbone() {
         model: model.clone(),
         threads: 2,
         fit: Some(Fit::Crop),
+        // The CPU twins are the reference (kernels/tests/cuda.rs holds the GPU to them), and
+        // this test reads the per-level residuals and projector outputs the GPU keeps on-device.
+        device: Device::Cpu,
         ..Default::default()
     })
     .unwrap();
@@ -260,6 +263,7 @@ fn d_end_to_end_real_backbone() {
         projector: Some(wpath),
         threads: 2,
         fit: Some(Fit::Crop),
+        device: Device::Cpu,
         ..Default::default()
     })
     .unwrap();

@@ -28,20 +28,22 @@ extern "C" __global__ void unit_rows_f16(const float* __restrict__ x, half_t* __
 
 #define NN_BM 16     // queries per block (the mma M)
 #define NN_WARPS 4   // warps per block, each sweeping bank rows 8 at a time (the mma N)
+#define NN_MAX_SPLITS 32  // bank splits nn_finish merges (one per lane)
 
-// spec §3.3 on tensor cores: cosine similarity of NN_BM unit fp16 queries against every unit fp16
-// bank row with mma.sync m16n8k16 (f32 accumulate), a running argmax fused in registers (the
-// similarity matrix never reaches memory), then residual = raw query − raw (fp16) bank row.
-// c must be a multiple of 16. Dynamic shared memory: NN_BM·c halves.
-extern "C" __global__ void __launch_bounds__(NN_WARPS * 32) nn_residual(
+// spec §3.3 on tensor cores, split over the bank: block (x, y) takes NN_BM unit fp16 queries and
+// the bank rows [y·chunk, (y+1)·chunk), computes their cosine similarities with mma.sync m16n8k16
+// (f32 accumulate) and keeps a running argmax in registers (the similarity matrix never reaches
+// memory); it writes its best (similarity, row) per query to part_best/part_idx[y·n + query].
+// nn_finish merges the splits. Splitting the bank is what fills the GPU: 256 queries are only 16
+// blocks. c must be a multiple of 16. Dynamic shared memory: NN_BM·c halves.
+extern "C" __global__ void __launch_bounds__(NN_WARPS * 32) nn_search(
     const half_t* __restrict__ q_unit, const half_t* __restrict__ bank_unit,
-    const float* __restrict__ q_raw, const half_t* __restrict__ bank_raw,
-    int n, int m, int c, int* __restrict__ argmax, float* __restrict__ residual) {
+    int n, int m, int c, int chunk, float* __restrict__ part_best, int* __restrict__ part_idx) {
     extern __shared__ u32 sq[];
     __shared__ float s_best[NN_WARPS][NN_BM];
     __shared__ int s_idx[NN_WARPS][NN_BM];
-    __shared__ int s_final[NN_BM];
     const int q0 = blockIdx.x * NN_BM, tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int r0 = blockIdx.y * chunk, r1 = min(m, r0 + chunk);
     const int c2 = c >> 1;
     for (int i = tid; i < NN_BM * c2; i += blockDim.x) {
         int row = i / c2;
@@ -51,7 +53,7 @@ extern "C" __global__ void __launch_bounds__(NN_WARPS * 32) nn_residual(
     const int g = lane >> 2, t = lane & 3;
     float best0 = NEG_INF, best1 = NEG_INF;
     int bi0 = 0x7fffffff, bi1 = 0x7fffffff;
-    for (int n0 = warp * 8; n0 < m; n0 += NN_WARPS * 8) {
+    for (int n0 = r0 + warp * 8; n0 < r1; n0 += NN_WARPS * 8) {
         float acc0 = 0.f, acc1 = 0.f, acc2 = 0.f, acc3 = 0.f;
         const u32* bp = (const u32*)bank_unit + (size_t)min(n0 + g, m - 1) * c2;
 #if __CUDA_ARCH__ >= 800
@@ -83,8 +85,8 @@ extern "C" __global__ void __launch_bounds__(NN_WARPS * 32) nn_residual(
         }
 #endif
         int j0 = n0 + 2 * t, j1 = j0 + 1;
-        if (j0 < m) { take(best0, bi0, acc0, j0); take(best1, bi1, acc2, j0); }
-        if (j1 < m) { take(best0, bi0, acc1, j1); take(best1, bi1, acc3, j1); }
+        if (j0 < r1) { take(best0, bi0, acc0, j0); take(best1, bi1, acc2, j0); }
+        if (j1 < r1) { take(best0, bi0, acc1, j1); take(best1, bi1, acc3, j1); }
     }
     for (int o = 1; o < 4; o <<= 1) {
         float ob0 = __shfl_xor_sync(0xffffffffu, best0, o), ob1 = __shfl_xor_sync(0xffffffffu, best1, o);
@@ -97,21 +99,34 @@ extern "C" __global__ void __launch_bounds__(NN_WARPS * 32) nn_residual(
         s_best[warp][g + 8] = best1; s_idx[warp][g + 8] = bi1;
     }
     __syncthreads();
-    if (tid < NN_BM) {
+    if (tid < NN_BM && q0 + tid < n) {
         float b = NEG_INF; int bi = 0x7fffffff;
         for (int w = 0; w < NN_WARPS; ++w) take(b, bi, s_best[w][tid], s_idx[w][tid]);
-        if (bi == 0x7fffffff) bi = 0;  // all-NaN similarities: row 0, as the CPU twin
-        s_final[tid] = bi;
-        if (q0 + tid < n) argmax[q0 + tid] = bi;
+        part_best[(size_t)blockIdx.y * n + q0 + tid] = b;
+        part_idx[(size_t)blockIdx.y * n + q0 + tid] = bi;
     }
-    __syncthreads();
-    for (int i = tid; i < NN_BM * c; i += blockDim.x) {
-        int row = i / c, col = i - row * c;
-        if (q0 + row < n) {
-            size_t qi = (size_t)(q0 + row) * c + col;
-            residual[qi] = q_raw[qi] - h2f(bank_raw[(size_t)s_final[row] * c + col]);
-        }
+}
+
+// spec §3.3, the merge: per query (one warp) the best of the `splits` partial results (the lower
+// row on ties, as the CPU twin; row 0 when every similarity was NaN), then residual = raw query −
+// raw (fp16) bank row.
+extern "C" __global__ void nn_finish(const float* __restrict__ part_best, const int* __restrict__ part_idx, int splits,
+                                     const float* __restrict__ q_raw, const half_t* __restrict__ bank_raw,
+                                     int n, int c, int* __restrict__ argmax, float* __restrict__ residual) {
+    int q = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
+    if (q >= n) return;
+    float b = NEG_INF; int bi = 0x7fffffff;
+    if (lane < splits) { b = part_best[(size_t)lane * n + q]; bi = part_idx[(size_t)lane * n + q]; }
+    for (int o = 16; o; o >>= 1) {
+        float ob = __shfl_xor_sync(0xffffffffu, b, o);
+        int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+        take(b, bi, ob, oi);
     }
+    if (bi == 0x7fffffff) bi = 0;
+    if (lane == 0) argmax[q] = bi;
+    const float* qr = q_raw + (size_t)q * c;
+    const half_t* br = bank_raw + (size_t)bi * c;
+    for (int i = lane; i < c; i += 32) residual[(size_t)q * c + i] = qr[i] - h2f(br[i]);
 }
 
 // spec §5.1: s[l][p] = sqrt(‖e‖₂ + 1) − 1 (paper = 0) or sqrt(‖e‖₂² + 1) − 1 (paper = 1).
@@ -241,4 +256,177 @@ extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32) lkv_attention(
         const float inv = 1.f / l;
         for (int i = 0; i < d; ++i) out[(size_t)row * c + head * d + i] = acc[i] * inv;
     }
+}
+
+// ---- The projector's element-wise steps around its cuBLAS products (spec §4.2 steps 3–5) ----
+
+// y[i] = b[i mod n] (+ x[i] when x is given): the bias rows a product then accumulates onto.
+extern "C" __global__ void fill_rows(float* __restrict__ y, const float* __restrict__ b, const float* __restrict__ x,
+                                     int rows, int n) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (size_t)rows * n) return;
+    y[i] = b[i % n] + (x ? x[i] : 0.f);
+}
+
+// mode 0: y[i] *= s (Q's 1/√d);  mode 1: y[i] = t[i] − y[i] (the subtractive residual, step 4).
+extern "C" __global__ void scale_or_rsub(float* __restrict__ y, const float* __restrict__ t, float s, int n, int mode) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    y[i] = mode ? t[i] - y[i] : y[i] * s;
+}
+
+// Step 5's squeeze input: the mean of H over positions, per channel, summed in f64 as the CPU twin.
+extern "C" __global__ void col_mean(const float* __restrict__ h, float* __restrict__ mean, int rows, int cols) {
+    int j = blockIdx.x * blockDim.x + threadIdx.x;
+    if (j >= cols) return;
+    double s = 0.0;
+    for (int i = 0; i < rows; ++i) s += (double)h[(size_t)i * cols + j];
+    mean[j] = (float)(s / (double)rows);
+}
+
+// y = act(W·x + b) for the SE gate's two small layers (act 1: ReLU, 2: sigmoid). One warp per row.
+extern "C" __global__ void matvec_act(const float* __restrict__ w, const float* __restrict__ x, const float* __restrict__ b,
+                                      float* __restrict__ y, int rows, int cols, int act) {
+    int row = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
+    if (row >= rows) return;
+    const float* wr = w + (size_t)row * cols;
+    float s = 0.f;
+    for (int i = lane; i < cols; i += 32) s = fmaf(wr[i], x[i], s);
+    for (int o = 16; o; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+    if (lane == 0) {
+        float v = s + b[row];
+        y[row] = act == 1 ? fmaxf(v, 0.f) : (act == 2 ? 1.f / (1.f + expf(-v)) : v);
+    }
+}
+
+// h = gelu(h · gate[column]) with the exact (erf) GELU, in place.
+extern "C" __global__ void gelu_gated(float* __restrict__ h, const float* __restrict__ gate, int rows, int cols) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (size_t)rows * cols) return;
+    float u = h[i] * gate[i % cols];
+    h[i] = 0.5f * u * (1.f + erff(u * 0.70710678118654752f));
+}
+
+// spec §4.2 step 3 on tensor cores (sm_80+), flash-attention style: one warp per 16 query rows of
+// one head (blockIdx.y). S = Q·K_hᵀ by mma.sync m16n8k16 for 16 references at a time (Q in fp16,
+// head dimension zero-padded to 32), an online softmax per row in registers (row max and sum over
+// the 4 lanes that share a row), then O += P·V_h by mma with P rounded to fp16 — the accumulator
+// layout of S is the A-fragment layout of P, so P never leaves registers. vt is V_hᵀ (d × n_pad,
+// zero-padded, fp16) so that V's B fragments are aligned pairs. d must be even and ≤ 32.
+extern "C" __global__ void __launch_bounds__(32) lkv_attention_mma(
+    const float* __restrict__ q, const half_t* __restrict__ k, const half_t* __restrict__ vt,
+    float* __restrict__ out, int p, int n, int n_pad, int c, int d) {
+#if __CUDA_ARCH__ >= 800
+    const int head = blockIdx.y, lane = threadIdx.x, g = lane >> 2, t = lane & 3;
+    const int r0 = blockIdx.x * 16;
+    const half_t* kh = k + (size_t)head * n * d;
+    const half_t* vh = vt + (size_t)head * d * n_pad;
+    // Q's A fragments for k-steps 0 (dims 0–15) and 1 (dims 16–31).
+    u32 qa[2][4];
+#pragma unroll
+    for (int ks = 0; ks < 2; ++ks) {
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+            const int row = r0 + g + ((r & 1) ? 8 : 0);
+            const int dim = 16 * ks + 2 * t + ((r & 2) ? 8 : 0);
+            float x0 = 0.f, x1 = 0.f;
+            if (row < p && dim < d) {
+                const float* src = q + (size_t)row * c + head * d + dim;
+                x0 = src[0];
+                x1 = dim + 1 < d ? src[1] : 0.f;
+            }
+            qa[ks][r] = (u32)f2h(x0) | ((u32)f2h(x1) << 16);
+        }
+    }
+    float o[4][4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+    float m0 = NEG_INF, m1 = NEG_INF, l0 = 0.f, l1 = 0.f;  // rows g and g + 8
+    for (int j0 = 0; j0 < n; j0 += 16) {
+        float s[2][4];
+#pragma unroll
+        for (int ng = 0; ng < 2; ++ng) {
+            s[ng][0] = s[ng][1] = s[ng][2] = s[ng][3] = 0.f;
+            const int ref = j0 + 8 * ng + g;
+            const half_t* kr = kh + (size_t)min(ref, n - 1) * d;
+#pragma unroll
+            for (int ks = 0; ks < 2; ++ks) {
+                const int d0 = 16 * ks + 2 * t, d1 = d0 + 8;
+                u32 b0 = (ref < n && d0 < d) ? *(const u32*)(kr + d0) : 0u;
+                u32 b1 = (ref < n && d1 < d) ? *(const u32*)(kr + d1) : 0u;
+                asm volatile(
+                    "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                    : "+f"(s[ng][0]), "+f"(s[ng][1]), "+f"(s[ng][2]), "+f"(s[ng][3])
+                    : "r"(qa[ks][0]), "r"(qa[ks][1]), "r"(qa[ks][2]), "r"(qa[ks][3]), "r"(b0), "r"(b1));
+            }
+            // Columns 2t, 2t+1 of this group are references j0 + 8·ng + 2t (+1): mask those past n.
+            const int col = j0 + 8 * ng + 2 * t;
+            if (col >= n) { s[ng][0] = NEG_INF; s[ng][2] = NEG_INF; }
+            if (col + 1 >= n) { s[ng][1] = NEG_INF; s[ng][3] = NEG_INF; }
+        }
+        float mx0 = fmaxf(fmaxf(s[0][0], s[0][1]), fmaxf(s[1][0], s[1][1]));
+        float mx1 = fmaxf(fmaxf(s[0][2], s[0][3]), fmaxf(s[1][2], s[1][3]));
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+        const float n0 = fmaxf(m0, mx0), n1 = fmaxf(m1, mx1);  // finite: reference j0 is valid
+        const float c0 = __expf(m0 - n0), c1 = __expf(m1 - n1);  // 0 on the first step
+        float e[2][4];
+#pragma unroll
+        for (int ng = 0; ng < 2; ++ng) {
+            e[ng][0] = __expf(s[ng][0] - n0);
+            e[ng][1] = __expf(s[ng][1] - n0);
+            e[ng][2] = __expf(s[ng][2] - n1);
+            e[ng][3] = __expf(s[ng][3] - n1);
+        }
+        l0 = l0 * c0 + e[0][0] + e[0][1] + e[1][0] + e[1][1];
+        l1 = l1 * c1 + e[0][2] + e[0][3] + e[1][2] + e[1][3];
+        m0 = n0;
+        m1 = n1;
+#pragma unroll
+        for (int nd = 0; nd < 4; ++nd) {
+            o[nd][0] *= c0; o[nd][1] *= c0; o[nd][2] *= c1; o[nd][3] *= c1;
+        }
+        // P's A fragment: (row g, refs 2t..), (row g+8, refs 2t..), (row g, refs 2t+8..), (row g+8, refs 2t+8..).
+        const u32 pa0 = (u32)f2h(e[0][0]) | ((u32)f2h(e[0][1]) << 16);
+        const u32 pa1 = (u32)f2h(e[0][2]) | ((u32)f2h(e[0][3]) << 16);
+        const u32 pa2 = (u32)f2h(e[1][0]) | ((u32)f2h(e[1][1]) << 16);
+        const u32 pa3 = (u32)f2h(e[1][2]) | ((u32)f2h(e[1][3]) << 16);
+#pragma unroll
+        for (int nd = 0; nd < 4; ++nd) {
+            const int dim = 8 * nd + g;
+            u32 b0 = 0u, b1 = 0u;
+            if (dim < d) {
+                const half_t* vr = vh + (size_t)dim * n_pad + j0 + 2 * t;
+                b0 = *(const u32*)vr;
+                b1 = *(const u32*)(vr + 8);
+            }
+            asm volatile(
+                "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                : "+f"(o[nd][0]), "+f"(o[nd][1]), "+f"(o[nd][2]), "+f"(o[nd][3])
+                : "r"(pa0), "r"(pa1), "r"(pa2), "r"(pa3), "r"(b0), "r"(b1));
+        }
+    }
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+    const float inv0 = 1.f / l0, inv1 = 1.f / l1;
+    const int row0 = r0 + g, row1 = r0 + g + 8;
+#pragma unroll
+    for (int nd = 0; nd < 4; ++nd) {
+        const int dim = 8 * nd + 2 * t;
+        if (row0 < p) {
+            float* dst = out + (size_t)row0 * c + head * d;
+            if (dim < d) dst[dim] = o[nd][0] * inv0;
+            if (dim + 1 < d) dst[dim + 1] = o[nd][1] * inv0;
+        }
+        if (row1 < p) {
+            float* dst = out + (size_t)row1 * c + head * d;
+            if (dim < d) dst[dim] = o[nd][2] * inv1;
+            if (dim + 1 < d) dst[dim + 1] = o[nd][3] * inv1;
+        }
+    }
+#endif
 }

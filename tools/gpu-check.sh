@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# The GPU checks of issue 7, run on a machine with a GPU from the folder tools/gpu-pack.sh made:
+# every CUDA kernel against its CPU twin (random, DINOv2-S shapes, conformance cases), the whole
+# frame against the CPU frame, the zero-allocation count, kernel timings beside cuBLAS, the demo on
+# both devices and edge-ad bench on both. Output goes to $1 (default: ./gpu-out).
+set -uo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+out=${1:-gpu-out}
+mkdir -p "$out"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv | tee "$out/gpu.txt"
+# cudarc opens libnvrtc.so / libcublas.so by their unversioned names: link the newest found.
+libs=/tmp/edge-ad-cudalibs
+mkdir -p "$libs"
+for lib in libnvrtc libcublas libcublasLt; do
+  f=$(find /usr/local/cuda*/ /usr/lib/x86_64-linux-gnu /opt -name "$lib.so*" -type f -not -path "*/stubs/*" 2>/dev/null | sort -V | tail -n 1)
+  if [ -n "$f" ]; then
+    ln -sf "$f" "$libs/$lib.so"
+    export LD_LIBRARY_PATH="$libs:$(dirname "$f")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    echo "$lib: $f"
+  else
+    echo "$lib: not found"
+  fi
+done
+export EDGE_AD_CUBIN_DIR=/tmp/edge-ad-cubins EDGE_AD_SHARED="$root/.gpu/shared"
+export EDGE_AD_CONFORMANCE="$root/.gpu/shared/conformance/adpretrain" RUST_BACKTRACE=1
+rm -f "$out/FAILED"
+# A step's failure is noted in a file: steps run inside pipelines (subshells).
+step() { echo "== $*"; "$@"; local r=$?; [ "$r" -eq 0 ] || { echo "FAILED ($r): $*"; echo "$*" >> "$out/FAILED"; }; }
+step .gpu/bin/cuda-kernels --include-ignored --nocapture --test-threads=1 2>&1 | tee "$out/cuda-kernels.txt"
+step .gpu/bin/cuda-conformance --nocapture --test-threads=1 2>&1 | tee "$out/cuda-conformance.txt"
+for d in cuda cpu; do
+  step .gpu/bin/edge-ad demo --device "$d" --json --demo-dir demo --log info > "$out/demo-$d.json" 2> "$out/demo-$d.log"
+done
+python3 - "$out" <<'PY' | tee "$out/demo-compare.txt"
+import json, sys
+d = sys.argv[1]
+rows = {}
+for dev in ("cuda", "cpu"):
+    for line in open(f"{d}/demo-{dev}.json"):
+        try:
+            o = json.loads(line)
+        except ValueError:
+            continue
+        if "score" in o and "image" in o:
+            rows.setdefault(o["image"], {})[dev] = o
+rows = {k: r for k, r in rows.items() if len(r) == 2}
+if not rows:
+    sys.exit("demo: no part scored on both devices")
+worst = max(abs(r["cuda"]["score"] - r["cpu"]["score"]) / abs(r["cpu"]["score"]) for r in rows.values())
+same = sum(r["cuda"].get("verdict") == r["cpu"].get("verdict") for r in rows.values())
+print(f"demo: {len(rows)} parts, verdicts equal {same}/{len(rows)}, worst score rel diff cuda vs cpu {worst:.2e}")
+PY
+for d in cuda cpu; do
+  step .gpu/bin/edge-ad bench --model demo/efficientnet-lite0.toml --images demo/images/good --refs 4 \
+    --frames 100 --warmup 10 --device "$d" 2>&1 | tee "$out/bench-$d.txt"
+done
+[ ! -e "$out/FAILED" ]
