@@ -64,6 +64,8 @@ pub fn nn_splits(m: usize) -> (usize, usize) {
 }
 /// Threads per `lkv_attention` block: one warp per query row.
 pub const ATT_THREADS: u32 = 256;
+/// Threads per `lkv_attention_mma` block: 8 warps sharing 16 query rows, splitting the references.
+pub const ATT_MMA_THREADS: u32 = 256;
 /// Largest head dimension `lkv_attention` takes (DINOv2-S: 384 / 16 = 24).
 pub const ATT_MAX_HEAD_DIM: usize = 32;
 
@@ -586,7 +588,7 @@ impl Gpu {
                 self.launch_raw(
                     &self.f.lkv_attention_mma,
                     (grid_1d(p, 16), kv.heads as u32, 1),
-                    32,
+                    ATT_MMA_THREADS,
                     0,
                     params!(q, k, vt, out, p_i, n_i, np_i, c_i, d_i),
                 )

@@ -65,7 +65,7 @@ fn launch_shape(kernel: &str) -> (u32, u32) {
     match kernel {
         "nn_search" => (cuda::NN_THREADS, (cuda::NN_BM * 384 * 2) as u32),
         "lkv_attention" => (cuda::ATT_THREADS, 0),
-        "lkv_attention_mma" => (32, 0),
+        "lkv_attention_mma" => (cuda::ATT_MMA_THREADS, 0),
         "assemble" | "gauss" | "col_mean" => (128, 0),
         _ => (256, 0),
     }

@@ -307,18 +307,28 @@ extern "C" __global__ void gelu_gated(float* __restrict__ h, const float* __rest
     h[i] = 0.5f * u * (1.f + erff(u * 0.70710678118654752f));
 }
 
-// spec §4.2 step 3 on tensor cores (sm_80+), flash-attention style: one warp per 16 query rows of
-// one head (blockIdx.y). S = Q·K_hᵀ by mma.sync m16n8k16 for 16 references at a time (Q in fp16,
-// head dimension zero-padded to 32), an online softmax per row in registers (row max and sum over
-// the 4 lanes that share a row), then O += P·V_h by mma with P rounded to fp16 — the accumulator
-// layout of S is the A-fragment layout of P, so P never leaves registers. vt is V_hᵀ (d × n_pad,
-// zero-padded, fp16) so that V's B fragments are aligned pairs. d must be even and ≤ 32.
-extern "C" __global__ void __launch_bounds__(32) lkv_attention_mma(
+#define ATT_MMA_WARPS 8  // warps per block: each takes one eighth of the references
+
+// spec §4.2 step 3 on tensor cores (sm_80+), flash-attention style: a block takes 16 query rows
+// of one head (blockIdx.y); its ATT_MMA_WARPS warps split the references (flash-decoding: 16
+// queries alone would leave the GPU nearly idle). Each warp computes S = Q·K_hᵀ by mma.sync
+// m16n8k16 for 16 references at a time (Q in fp16, head dimension zero-padded to 32), keeps an
+// online softmax per row in registers (row max and sum over the 4 lanes sharing a row), and
+// accumulates O += P·V_h by mma with P rounded to fp16 — the accumulator layout of S is the
+// A-fragment layout of P, so P never leaves registers. The warps' partial softmaxes are merged
+// through shared memory at the end. vt is V_hᵀ (d × n_pad, zero-padded, fp16) so that V's B
+// fragments are aligned pairs. d must be even and ≤ 32.
+extern "C" __global__ void __launch_bounds__(ATT_MMA_WARPS * 32) lkv_attention_mma(
     const float* __restrict__ q, const half_t* __restrict__ k, const half_t* __restrict__ vt,
     float* __restrict__ out, int p, int n, int n_pad, int c, int d) {
+    __shared__ float sm_m[ATT_MMA_WARPS][16], sm_l[ATT_MMA_WARPS][16];
+    __shared__ float sm_o[ATT_MMA_WARPS][16][33];
 #if __CUDA_ARCH__ >= 800
-    const int head = blockIdx.y, lane = threadIdx.x, g = lane >> 2, t = lane & 3;
+    const int head = blockIdx.y, warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const int r0 = blockIdx.x * 16;
+    // This warp's references: a multiple of 16, so steps never cross into the next warp's share.
+    const int share = ((n + ATT_MMA_WARPS - 1) / ATT_MMA_WARPS + 15) / 16 * 16;
+    const int j_begin = warp * share, j_end = min(n, j_begin + share);
     const half_t* kh = k + (size_t)head * n * d;
     const half_t* vh = vt + (size_t)head * d * n_pad;
     // Q's A fragments for k-steps 0 (dims 0–15) and 1 (dims 16–31).
@@ -342,7 +352,7 @@ extern "C" __global__ void __launch_bounds__(32) lkv_attention_mma(
 #pragma unroll
     for (int i = 0; i < 4; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
     float m0 = NEG_INF, m1 = NEG_INF, l0 = 0.f, l1 = 0.f;  // rows g and g + 8
-    for (int j0 = 0; j0 < n; j0 += 16) {
+    for (int j0 = j_begin; j0 < j_end; j0 += 16) {
         float s[2][4];
 #pragma unroll
         for (int ng = 0; ng < 2; ++ng) {
@@ -412,21 +422,34 @@ extern "C" __global__ void __launch_bounds__(32) lkv_attention_mma(
     l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
     l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
     l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
-    const float inv0 = 1.f / l0, inv1 = 1.f / l1;
-    const int row0 = r0 + g, row1 = r0 + g + 8;
+    // Merge the warps: row r's result is Σ_w e^(m_w − M)·o_w / Σ_w e^(m_w − M)·l_w with M the
+    // largest m_w (a warp with no references has m = -inf and contributes nothing).
+    if (t == 0) {
+        sm_m[warp][g] = m0; sm_l[warp][g] = l0;
+        sm_m[warp][g + 8] = m1; sm_l[warp][g + 8] = l1;
+    }
 #pragma unroll
     for (int nd = 0; nd < 4; ++nd) {
         const int dim = 8 * nd + 2 * t;
-        if (row0 < p) {
-            float* dst = out + (size_t)row0 * c + head * d;
-            if (dim < d) dst[dim] = o[nd][0] * inv0;
-            if (dim + 1 < d) dst[dim + 1] = o[nd][1] * inv0;
+        sm_o[warp][g][dim] = o[nd][0];
+        sm_o[warp][g][dim + 1] = o[nd][1];
+        sm_o[warp][g + 8][dim] = o[nd][2];
+        sm_o[warp][g + 8][dim + 1] = o[nd][3];
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < 16 * 32; i += ATT_MMA_WARPS * 32) {
+        const int r = i >> 5, dim = i & 31, row = r0 + r;
+        if (row >= p || dim >= d) continue;
+        float mx = NEG_INF;
+        for (int w = 0; w < ATT_MMA_WARPS; ++w) mx = fmaxf(mx, sm_m[w][r]);
+        float num = 0.f, den = 0.f;
+        for (int w = 0; w < ATT_MMA_WARPS; ++w) {
+            if (sm_m[w][r] == NEG_INF) continue;
+            const float f = __expf(sm_m[w][r] - mx);
+            num += f * sm_o[w][r][dim];
+            den += f * sm_l[w][r];
         }
-        if (row1 < p) {
-            float* dst = out + (size_t)row1 * c + head * d;
-            if (dim < d) dst[dim] = o[nd][2] * inv1;
-            if (dim + 1 < d) dst[dim + 1] = o[nd][3] * inv1;
-        }
+        out[(size_t)row * c + head * d + dim] = num / den;
     }
 #endif
 }
