@@ -56,6 +56,21 @@ pub const NN_BM: usize = 16;
 /// Most bank splits `nn_finish` merges (one per lane).
 pub const NN_MAX_SPLITS: usize = 32;
 
+/// Most levels one residual launch searches.
+pub const NN_MAX_LEVELS: usize = 8;
+
+/// Every level's bank for one `nn_search`/`nn_finish` launch, passed by value as a kernel
+/// parameter (the layout of `struct NnLevels` in kernels.cu).
+#[repr(C)]
+#[derive(Default)]
+struct NnLevels {
+    unit: [u64; NN_MAX_LEVELS],
+    raw: [u64; NN_MAX_LEVELS],
+    rows: [i32; NN_MAX_LEVELS],
+    chunk: [i32; NN_MAX_LEVELS],
+    splits: [i32; NN_MAX_LEVELS],
+}
+
 /// Bank splits and rows per split for `m` bank rows: chunks of at least 64 rows (two sweeps of
 /// the block's four warps), at most [`NN_MAX_SPLITS`] of them.
 pub fn nn_splits(m: usize) -> (usize, usize) {
@@ -619,13 +634,14 @@ impl Gpu {
         }
     }
 
-    /// spec §3.3 for `n` unit queries `qu` (fp16) and raw queries `q` (f32), rows of `bank.padded`:
-    /// the split search, then the merge with the residual. `part_best`/`part_idx` hold
-    /// `NN_MAX_SPLITS · n` values.
+    /// spec §3.3 for `banks.len()` levels of `n` queries each, level-major: unit fp16 queries
+    /// `qu`, raw f32 queries `q` (rows of the banks' padded width); the split search of every
+    /// level in one launch, then the merge with the residual in another. `part_best`/`part_idx`
+    /// hold `levels · NN_MAX_SPLITS · n` values, `argmax` `levels · n`.
     #[allow(clippy::too_many_arguments)]
     fn launch_residual(
         &self,
-        bank: &GpuBank,
+        banks: &[GpuBank],
         n: usize,
         qu: u64,
         q: u64,
@@ -634,28 +650,46 @@ impl Gpu {
         argmax: u64,
         residual: u64,
     ) -> Result<(), CudaError> {
-        let (splits, chunk) = nn_splits(bank.rows);
-        let (bu, br) = (self.raw(&bank.unit), self.raw(&bank.raw));
-        let (n_i, m_i, c_i) = (n as i32, bank.rows as i32, bank.padded as i32);
-        let (chunk_i, splits_i) = (chunk as i32, splits as i32);
-        // SAFETY: nn_search(const half*, const half*, int, int, int, int, float*, int*) and
-        // nn_finish(const float*, const int*, int, const float*, const half*, int, int, int*,
-        // float*); queries and residual hold n rows of `padded` (a multiple of 16), the partial
-        // buffers splits·n ≤ NN_MAX_SPLITS·n values, argmax n.
+        let levels = banks.len();
+        if levels == 0 || levels > NN_MAX_LEVELS {
+            return Err(CudaError::Shape(format!(
+                "{levels} bank levels: one residual launch takes 1 to {NN_MAX_LEVELS}"
+            )));
+        }
+        let padded = banks[0].padded;
+        if banks.iter().any(|b| b.padded != padded) {
+            return Err(CudaError::Shape("bank levels of different widths".into()));
+        }
+        let mut lv = NnLevels::default();
+        let mut max_splits = 1;
+        for (l, bank) in banks.iter().enumerate() {
+            let (splits, chunk) = nn_splits(bank.rows);
+            lv.unit[l] = self.raw(&bank.unit);
+            lv.raw[l] = self.raw(&bank.raw);
+            lv.rows[l] = bank.rows as i32;
+            lv.chunk[l] = chunk as i32;
+            lv.splits[l] = splits as i32;
+            max_splits = max_splits.max(splits);
+        }
+        let (n_i, c_i, levels_i) = (n as i32, padded as i32, levels as i32);
+        // SAFETY: nn_search(const half*, NnLevels, int, int, float*, int*) and nn_finish(const
+        // float*, const int*, NnLevels, int, const float*, int, int, int*, float*), NnLevels
+        // passed by value with kernels.cu's layout; queries and residual hold levels·n rows of
+        // `padded` (a multiple of 16), the partial buffers levels·NN_MAX_SPLITS·n values.
         unsafe {
             self.launch_raw(
                 &self.f.nn_search,
-                (grid_1d(n, NN_BM), splits as u32, 1),
+                (grid_1d(n, NN_BM), max_splits as u32, levels as u32),
                 NN_THREADS,
-                (NN_BM * bank.padded * 2) as u32,
-                params!(qu, bu, n_i, m_i, c_i, chunk_i, part_best, part_idx),
+                (NN_BM * padded * 2) as u32,
+                params!(qu, lv, n_i, c_i, part_best, part_idx),
             )?;
             self.launch_raw(
                 &self.f.nn_finish,
-                (grid_1d(n * 32, 256), 1, 1),
+                (grid_1d(levels * n * 32, 256), 1, 1),
                 256,
                 0,
-                params!(part_best, part_idx, splits_i, q, br, n_i, c_i, argmax, residual),
+                params!(part_best, part_idx, lv, levels_i, q, n_i, c_i, argmax, residual),
             )
         }
     }
@@ -870,7 +904,7 @@ impl Gpu {
         let part_best = self.alloc::<f32>(NN_MAX_SPLITS * n)?;
         let part_idx = self.alloc::<i32>(NN_MAX_SPLITS * n)?;
         self.launch_residual(
-            bank,
+            std::slice::from_ref(bank),
             n,
             self.raw(&qu),
             self.raw(&q),

@@ -91,7 +91,7 @@ pub struct GpuFrame {
     queries: CudaSlice<f32>,
     unit: CudaSlice<u16>,
     residual: CudaSlice<f32>,
-    /// The split search's partial results (one level at a time).
+    /// The split search's partial results, every level.
     part_best: CudaSlice<f32>,
     part_idx: CudaSlice<i32>,
     projector: Option<ProjectorSpace>,
@@ -267,9 +267,10 @@ impl Gpu {
         let grid = fnorm.grid();
         let size = fnorm.out_size();
         let p = grid.0 * grid.1;
-        if levels == 0 || channels == 0 {
+        if levels == 0 || levels > super::NN_MAX_LEVELS || channels == 0 {
             return Err(CudaError::Shape(format!(
-                "frame of {levels} levels × {channels} channels"
+                "frame of {levels} levels × {channels} channels (1 to {} levels)",
+                super::NN_MAX_LEVELS
             )));
         }
         let padded = channels.div_ceil(16) * 16;
@@ -305,8 +306,8 @@ impl Gpu {
             queries: self.alloc(lpc)?,
             unit: self.alloc(lpc)?,
             residual: self.alloc(lpc)?,
-            part_best: self.alloc(NN_MAX_SPLITS * p)?,
-            part_idx: self.alloc(NN_MAX_SPLITS * p)?,
+            part_best: self.alloc(levels * NN_MAX_SPLITS * p)?,
+            part_idx: self.alloc(levels * NN_MAX_SPLITS * p)?,
             projector,
             taps: self.upload(&taps)?,
             blur_a: self.alloc(hw)?,
@@ -370,20 +371,16 @@ impl Gpu {
         let (rows_i, cp_i) = ((levels * p) as i32, cp as i32);
         self.launch_unit_rows(q, qu, levels * p, cp)?;
         let argmax_base = out + 4 * (hw + levels * p + 1) as u64;
-        let (part_best, part_idx) = (self.raw(&fr.part_best), self.raw(&fr.part_idx));
-        for (l, bank) in banks.iter().enumerate() {
-            let off = (l * p * cp) as u64;
-            self.launch_residual(
-                bank,
-                p,
-                qu + 2 * off,
-                q + 4 * off,
-                part_best,
-                part_idx,
-                argmax_base + 4 * (l * p) as u64,
-                res + 4 * off,
-            )?;
-        }
+        self.launch_residual(
+            banks,
+            p,
+            qu,
+            q,
+            self.raw(&fr.part_best),
+            self.raw(&fr.part_idx),
+            argmax_base,
+            res,
+        )?;
         ev[2].record(s).map_err(drv)?;
 
         // spec §4.2, in three phases over the levels (Q; attention; the rest), so that the

@@ -29,19 +29,39 @@ extern "C" __global__ void unit_rows_f16(const float* __restrict__ x, half_t* __
 #define NN_BM 16     // queries per block (the mma M)
 #define NN_WARPS 4   // warps per block, each sweeping bank rows 8 at a time (the mma N)
 #define NN_MAX_SPLITS 32  // bank splits nn_finish merges (one per lane)
+#define NN_MAX_LEVELS 8   // levels one launch searches (blockIdx.z)
+
+// Every level's bank, passed by value (no upload per frame): unit and raw fp16 rows, row count,
+// rows per split and split count. Must match `NnLevels` in cuda.rs.
+struct NnLevels {
+    const half_t* unit[NN_MAX_LEVELS];
+    const half_t* raw[NN_MAX_LEVELS];
+    int m[NN_MAX_LEVELS];
+    int chunk[NN_MAX_LEVELS];
+    int splits[NN_MAX_LEVELS];
+};
 
 // spec §3.3 on tensor cores, split over the bank: block (x, y) takes NN_BM unit fp16 queries and
 // the bank rows [y·chunk, (y+1)·chunk), computes their cosine similarities with mma.sync m16n8k16
 // (f32 accumulate) and keeps a running argmax in registers (the similarity matrix never reaches
 // memory); it writes its best (similarity, row) per query to part_best/part_idx[y·n + query].
 // nn_finish merges the splits. Splitting the bank is what fills the GPU: 256 queries are only 16
-// blocks. c must be a multiple of 16. Dynamic shared memory: NN_BM·c halves.
+// blocks. All levels in one launch (blockIdx.z; queries and partials level-major), so that the
+// GPU sees every level's blocks at once. c must be a multiple of 16. Dynamic shared memory:
+// NN_BM·c halves.
 extern "C" __global__ void __launch_bounds__(NN_WARPS * 32) nn_search(
-    const half_t* __restrict__ q_unit, const half_t* __restrict__ bank_unit,
-    int n, int m, int c, int chunk, float* __restrict__ part_best, int* __restrict__ part_idx) {
+    const half_t* __restrict__ q_unit, const NnLevels lv, int n, int c,
+    float* __restrict__ part_best, int* __restrict__ part_idx) {
     extern __shared__ u32 sq[];
     __shared__ float s_best[NN_WARPS][NN_BM];
     __shared__ int s_idx[NN_WARPS][NN_BM];
+    const int level = blockIdx.z;
+    if ((int)blockIdx.y >= lv.splits[level]) return;
+    const half_t* __restrict__ bank_unit = lv.unit[level];
+    const int m = lv.m[level], chunk = lv.chunk[level];
+    q_unit += (size_t)level * n * c;
+    part_best += (size_t)level * NN_MAX_SPLITS * n;
+    part_idx += (size_t)level * NN_MAX_SPLITS * n;
     const int q0 = blockIdx.x * NN_BM, tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int r0 = blockIdx.y * chunk, r1 = min(m, r0 + chunk);
     const int c2 = c >> 1;
@@ -107,14 +127,21 @@ extern "C" __global__ void __launch_bounds__(NN_WARPS * 32) nn_search(
     }
 }
 
-// spec §3.3, the merge: per query (one warp) the best of the `splits` partial results (the lower
-// row on ties, as the CPU twin; row 0 when every similarity was NaN), then residual = raw query −
-// raw (fp16) bank row.
-extern "C" __global__ void nn_finish(const float* __restrict__ part_best, const int* __restrict__ part_idx, int splits,
-                                     const float* __restrict__ q_raw, const half_t* __restrict__ bank_raw,
+// spec §3.3, the merge: per query (one warp; queries of all levels, level-major) the best of its
+// level's partial results (the lower row on ties, as the CPU twin; row 0 when every similarity
+// was NaN), then residual = raw query − raw (fp16) bank row.
+extern "C" __global__ void nn_finish(const float* __restrict__ part_best, const int* __restrict__ part_idx,
+                                     const NnLevels lv, int levels, const float* __restrict__ q_raw,
                                      int n, int c, int* __restrict__ argmax, float* __restrict__ residual) {
-    int q = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
-    if (q >= n) return;
+    int gq = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
+    if (gq >= levels * n) return;
+    const int level = gq / n, q = gq - level * n, splits = lv.splits[level];
+    const half_t* __restrict__ bank_raw = lv.raw[level];
+    part_best += (size_t)level * NN_MAX_SPLITS * n;
+    part_idx += (size_t)level * NN_MAX_SPLITS * n;
+    q_raw += (size_t)level * n * c;
+    argmax += (size_t)level * n;
+    residual += (size_t)level * n * c;
     float b = NEG_INF; int bi = 0x7fffffff;
     if (lane < splits) { b = part_best[(size_t)lane * n + q]; bi = part_idx[(size_t)lane * n + q]; }
     for (int o = 16; o; o >>= 1) {
