@@ -9,11 +9,14 @@ cd "$root"
 out=${1:-gpu-out}
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv | tee "$out/gpu.txt"
-# cudarc opens libnvrtc.so / libcublas.so by their unversioned names: link the newest found.
+# cudarc opens libnvrtc.so, libcublas.so (and for tract-cuda libcudart.so, libcudnn.so) by their
+# unversioned names first: link the newest found (never the toolkit's link-time stubs).
 libs=/tmp/edge-ad-cudalibs
 mkdir -p "$libs"
-for lib in libnvrtc libcublas libcublasLt; do
+for lib in libnvrtc libcublas libcublasLt libcudart libcudnn; do
   f=$(find /usr/local/cuda*/ /usr/lib/x86_64-linux-gnu /opt -name "$lib.so*" -type f -not -path "*/stubs/*" 2>/dev/null | sort -V | tail -n 1)
+  # edge-ad's cudarc speaks the CUDA 12.2 API: CUDA 12's runtime (tools/gpu-pack.sh) where carried.
+  if [ "$lib" = libcudart ] && [ -e .gpu/lib/libcudart.so.12 ]; then f=$root/.gpu/lib/libcudart.so.12; fi
   if [ -n "$f" ]; then
     ln -sf "$f" "$libs/$lib.so"
     export LD_LIBRARY_PATH="$libs:$(dirname "$f")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
@@ -50,6 +53,50 @@ if not rows:
 worst = max(abs(r["cuda"]["score"] - r["cpu"]["score"]) / abs(r["cpu"]["score"]) for r in rows.values())
 same = sum(r["cuda"].get("verdict") == r["cpu"].get("verdict") for r in rows.values())
 print(f"demo: {len(rows)} parts, verdicts equal {same}/{len(rows)}, worst score rel diff cuda vs cpu {worst:.2e}")
+PY
+# One bank (calibrated on the CPU) inspected on both devices: differences are the GPU path's alone
+# (with the gpu-backbone build, tract-cuda's backbone included).
+step .gpu/bin/edge-ad calibrate --model demo/efficientnet-lite0.toml --images demo/images/good --refs 4 \
+  --out "$out/bank.eab" --device cpu > "$out/calibrate.log" 2>&1
+for d in cuda cpu; do
+  : > "$out/inspect-$d.json"
+  for cat in demo/images/test/*/; do
+    cat=$(basename "$cat")
+    mkdir -p "$out/maps-$d/$cat"
+    step .gpu/bin/edge-ad inspect --model demo/efficientnet-lite0.toml --bank "$out/bank.eab" --device "$d" \
+      --json --dump "$out/maps-$d/$cat" demo/images/test/"$cat"/*.png >> "$out/inspect-$d.json" 2>> "$out/inspect-$d.log"
+  done
+done
+python3 - "$out" <<'PY' | tee "$out/inspect-compare.txt"
+import json, sys, glob, os
+d = sys.argv[1]
+rows = {}
+for dev in ("cuda", "cpu"):
+    for line in open(f"{d}/inspect-{dev}.json"):
+        try:
+            o = json.loads(line)
+        except ValueError:
+            continue
+        rows.setdefault(o["path"], {})[dev] = o
+rows = {k: r for k, r in rows.items() if len(r) == 2}
+if not rows:
+    sys.exit("inspect: no part scored on both devices")
+worst = max(abs(r["cuda"]["score"] - r["cpu"]["score"]) / abs(r["cpu"]["score"]) for r in rows.values())
+same = sum(r["cuda"]["verdict"] == r["cpu"]["verdict"] for r in rows.values())
+bb = {dev: sorted(r[dev]["timings"]["backbone_ms"] for r in rows.values()) for dev in ("cuda", "cpu")}
+msg = f"inspect, one bank: {len(rows)} parts, verdicts equal {same}/{len(rows)}, worst score rel diff cuda vs cpu {worst:.2e}"
+try:
+    from safetensors.numpy import load_file
+    import numpy as np
+    errs = []
+    for f in glob.glob(f"{d}/maps-cpu/*/*.safetensors"):
+        a = load_file(f)["map"]
+        b = load_file(f.replace("maps-cpu", "maps-cuda"))["map"]
+        errs.append(float(np.abs(a - b).max() / np.abs(a).max()))
+    msg += f"; maps max rel err {max(errs):.2e} over {len(errs)} maps"
+except Exception as e:
+    msg += f"; maps not compared ({e})"
+print(msg)
 PY
 for d in cuda cpu; do
   step .gpu/bin/edge-ad bench --model demo/efficientnet-lite0.toml --images demo/images/good --refs 4 \

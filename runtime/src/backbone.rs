@@ -10,7 +10,9 @@ use tract_onnx::prelude::*;
 
 /// A loaded backbone producing `levels × (positions × channels)` features per frame.
 pub struct Backbone {
-    state: TypedSimpleState,
+    state: Box<dyn State>,
+    levels: usize,
+    on_gpu: bool,
     input_hw: (usize, usize),
     layout: Layout,
     prefix: usize,
@@ -25,6 +27,7 @@ impl std::fmt::Debug for Backbone {
         f.debug_struct("Backbone")
             .field("onnx", &self.onnx_path)
             .field("levels", &self.levels())
+            .field("on_gpu", &self.on_gpu)
             .finish()
     }
 }
@@ -63,8 +66,18 @@ pub fn nearest_names<'a>(
 }
 
 impl Backbone {
-    /// Load, tap and optimise the ONNX file of `model` (or `onnx_override`).
+    /// Load, tap and optimise the ONNX file of `model` (or `onnx_override`) for tract's CPU path.
     pub fn load(model: &LoadedDescription, onnx_override: Option<&Path>) -> Result<Self> {
+        Self::load_on(model, onnx_override, false)
+    }
+
+    /// As [`Backbone::load`]; with `gpu`, through tract-cuda when it can run here (built with the
+    /// `gpu-backbone` feature, CUDA driver, cuDNN and cuBLAS present), else an error saying why.
+    pub fn load_on(
+        model: &LoadedDescription,
+        onnx_override: Option<&Path>,
+        gpu: bool,
+    ) -> Result<Self> {
         let path = model.onnx_path(onnx_override);
         let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
         let onnx_sha256: [u8; 32] = {
@@ -126,8 +139,10 @@ impl Backbone {
             }
         }
         graph.select_output_outlets(&outlets).map_err(onnx_err)?;
-        let typed = graph.into_optimized().map_err(onnx_err)?;
-        let plan = typed.into_runnable().map_err(onnx_err)?;
+        let typed = graph
+            .into_typed()
+            .and_then(|m| m.into_decluttered())
+            .map_err(onnx_err)?;
 
         // Check the tap shapes against the description once, here, not per frame.
         let f = &d.features;
@@ -137,7 +152,7 @@ impl Backbone {
             Layout::Maps => vec![1, f.channels, f.grid[0], f.grid[1]],
         };
         for (k, tap) in d.taps.iter().enumerate() {
-            let fact = plan.model().output_fact(k).map_err(onnx_err)?;
+            let fact = typed.output_fact(k).map_err(onnx_err)?;
             let shape: Option<Vec<usize>> = fact.shape.as_concrete().map(|s| s.to_vec());
             if shape.as_deref() != Some(&expect[..]) {
                 return Err(Error::ModelDescription {
@@ -151,9 +166,21 @@ impl Backbone {
                 });
             }
         }
-        let state = plan.spawn().map_err(onnx_err)?;
+        let levels = typed.outputs.len();
+        let state: Box<dyn State> = if gpu {
+            gpu_state(typed)
+                .map_err(|message| Error::Gpu(format!("backbone on the GPU: {message}")))?
+        } else {
+            let plan = typed
+                .into_optimized()
+                .and_then(|m| m.into_runnable())
+                .map_err(onnx_err)?;
+            Box::new(plan.spawn().map_err(onnx_err)?)
+        };
         Ok(Self {
             state,
+            levels,
+            on_gpu: gpu,
             input_hw: (h, w),
             layout: f.layout,
             prefix: f.prefix_tokens,
@@ -166,7 +193,11 @@ impl Backbone {
 
     /// Number of tapped levels.
     pub fn levels(&self) -> usize {
-        self.state.plan().model().outputs.len()
+        self.levels
+    }
+    /// True when the backbone runs through tract-cuda.
+    pub fn on_gpu(&self) -> bool {
+        self.on_gpu
     }
     /// SHA-256 of the ONNX bytes (the backbone's identity in a bank).
     pub fn onnx_sha256(&self) -> [u8; 32] {
@@ -205,6 +236,31 @@ impl Backbone {
         }
         Ok(())
     }
+}
+
+/// The tapped, decluttered model prepared by tract-cuda's runtime (spec §2 on the GPU). Its
+/// outputs come back to the host: tract-gpu's translator ends every model output with a
+/// to-host sync, and its runner hands out host tensors only, so the taps reach edge-ad's kernels
+/// through one copy back and the frame's upload (1.6 MB per DINOv2-S frame).
+#[cfg(feature = "gpu-backbone")]
+fn gpu_state(typed: TypedModel) -> std::result::Result<Box<dyn State>, String> {
+    // Naming the crate links its runtime registration.
+    let _ = std::any::type_name::<tract_cuda::CudaTransform>();
+    let rt = tract_onnx::tract_core::runtime::runtime_for_name("cuda")
+        .map_err(|e| format!("{e:#}"))?
+        .ok_or("tract-cuda's runtime is not registered")?;
+    rt.check().map_err(|e| format!("{e:#}"))?;
+    // tract-cuda creates its context on first use and panics if that fails: keep it an error.
+    let prepared = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        rt.prepare(typed).and_then(|r| r.spawn())
+    }))
+    .map_err(|_| "tract-cuda panicked while preparing the model".to_string())?;
+    prepared.map_err(|e| format!("{e:#}"))
+}
+
+#[cfg(not(feature = "gpu-backbone"))]
+fn gpu_state(_typed: TypedModel) -> std::result::Result<Box<dyn State>, String> {
+    Err("this edge-ad was built without the `gpu-backbone` feature (tract-cuda)".into())
 }
 
 /// Tract's executor on `pool`, so the backbone and the kernels share one set of threads.

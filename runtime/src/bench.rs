@@ -41,6 +41,8 @@ pub struct BenchReport {
     pub preprocess_ms: f64,
     /// Backbone forward pass.
     pub backbone_ms: f64,
+    /// True when the backbone ran through tract-cuda.
+    pub backbone_on_gpu: bool,
     /// Residual search, all levels.
     pub residual_ms: f64,
     /// Projector, all levels (only with a projector).
@@ -228,6 +230,7 @@ pub fn run(
         bank_rows: rows,
         preprocess_ms: pre,
         backbone_ms: bb,
+        backbone_on_gpu: pipeline.backbone().on_gpu(),
         residual_ms: res,
         projector_ms: proj_flops.map(|_| proj),
         score_ms: score,

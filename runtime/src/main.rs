@@ -771,7 +771,16 @@ fn run(cli: Cli) -> Result<()> {
                 );
                 println!("  {:<12} {:>9}", "stage", "median ms");
                 println!("  {:<12} {:>9.2}", "preprocess", r.preprocess_ms);
-                println!("  {:<12} {:>9.2}", "backbone", r.backbone_ms);
+                println!(
+                    "  {:<12} {:>9.2}   ({})",
+                    "backbone",
+                    r.backbone_ms,
+                    if r.backbone_on_gpu {
+                        "GPU, tract-cuda"
+                    } else {
+                        "CPU, tract"
+                    }
+                );
                 println!(
                     "  {:<12} {:>9.2}   {:>6.1} GFLOP/s",
                     "residual", r.residual_ms, r.residual_gflops

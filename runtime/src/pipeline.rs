@@ -438,7 +438,7 @@ impl Pipeline {
         let backbone = {
             let exec = tract_executor(pool.clone());
             tract_linalg::multithread::multithread_tract_scope(exec, || {
-                Backbone::load(&desc, opts.onnx.as_deref())
+                load_backbone(&desc, opts.onnx.as_deref(), opts.device)
             })?
         };
         let norm = d.norm_form().map_err(|message| Error::ModelDescription {
@@ -833,6 +833,31 @@ impl Stitch {
 
     fn finish(self) -> (f32, Vec<f32>) {
         (self.score, self.map)
+    }
+}
+
+/// The backbone where `device` asks: through tract-cuda for `cuda`/`auto` when this build has it
+/// and it can run here (spec §2 on the GPU), else tract's CPU path with one log line saying why.
+fn load_backbone(
+    desc: &LoadedDescription,
+    onnx: Option<&Path>,
+    device: Device,
+) -> Result<Backbone> {
+    if device == Device::Cpu
+        || !cfg!(feature = "gpu-backbone")
+        || !edge_ad_kernels::cuda::driver_available()
+    {
+        return Backbone::load(desc, onnx);
+    }
+    match Backbone::load_on(desc, onnx, true) {
+        Ok(b) => {
+            log::info!("backbone on the GPU (tract-cuda)");
+            Ok(b)
+        }
+        Err(e) => {
+            log::warn!("{e}; the backbone runs on the CPU");
+            Backbone::load(desc, onnx)
+        }
     }
 }
 
