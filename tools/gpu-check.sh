@@ -35,25 +35,7 @@ step .gpu/bin/cuda-conformance --nocapture --test-threads=1 2>&1 | tee "$out/cud
 for d in cuda cpu; do
   step .gpu/bin/edge-ad demo --device "$d" --json --demo-dir demo --log info > "$out/demo-$d.json" 2> "$out/demo-$d.log"
 done
-python3 - "$out" <<'PY' | tee "$out/demo-compare.txt"
-import json, sys
-d = sys.argv[1]
-rows = {}
-for dev in ("cuda", "cpu"):
-    for line in open(f"{d}/demo-{dev}.json"):
-        try:
-            o = json.loads(line)
-        except ValueError:
-            continue
-        if "score" in o and "image" in o:
-            rows.setdefault(o["image"], {})[dev] = o
-rows = {k: r for k, r in rows.items() if len(r) == 2}
-if not rows:
-    sys.exit("demo: no part scored on both devices")
-worst = max(abs(r["cuda"]["score"] - r["cpu"]["score"]) / abs(r["cpu"]["score"]) for r in rows.values())
-same = sum(r["cuda"].get("verdict") == r["cpu"].get("verdict") for r in rows.values())
-print(f"demo: {len(rows)} parts, verdicts equal {same}/{len(rows)}, worst score rel diff cuda vs cpu {worst:.2e}")
-PY
+python3 tools/gpu-compare.py demo "$out" image | tee "$out/demo-compare.txt"
 # One bank (calibrated on the CPU) inspected on both devices: differences are the GPU path's alone
 # (with the gpu-backbone build, tract-cuda's backbone included).
 step .gpu/bin/edge-ad calibrate --model demo/efficientnet-lite0.toml --images demo/images/good --refs 4 \
@@ -67,37 +49,7 @@ for d in cuda cpu; do
       --json --dump "$out/maps-$d/$cat" demo/images/test/"$cat"/*.png >> "$out/inspect-$d.json" 2>> "$out/inspect-$d.log"
   done
 done
-python3 - "$out" <<'PY' | tee "$out/inspect-compare.txt"
-import json, sys, glob, os
-d = sys.argv[1]
-rows = {}
-for dev in ("cuda", "cpu"):
-    for line in open(f"{d}/inspect-{dev}.json"):
-        try:
-            o = json.loads(line)
-        except ValueError:
-            continue
-        rows.setdefault(o["path"], {})[dev] = o
-rows = {k: r for k, r in rows.items() if len(r) == 2}
-if not rows:
-    sys.exit("inspect: no part scored on both devices")
-worst = max(abs(r["cuda"]["score"] - r["cpu"]["score"]) / abs(r["cpu"]["score"]) for r in rows.values())
-same = sum(r["cuda"]["verdict"] == r["cpu"]["verdict"] for r in rows.values())
-bb = {dev: sorted(r[dev]["timings"]["backbone_ms"] for r in rows.values()) for dev in ("cuda", "cpu")}
-msg = f"inspect, one bank: {len(rows)} parts, verdicts equal {same}/{len(rows)}, worst score rel diff cuda vs cpu {worst:.2e}"
-try:
-    from safetensors.numpy import load_file
-    import numpy as np
-    errs = []
-    for f in glob.glob(f"{d}/maps-cpu/*/*.safetensors"):
-        a = load_file(f)["map"]
-        b = load_file(f.replace("maps-cpu", "maps-cuda"))["map"]
-        errs.append(float(np.abs(a - b).max() / np.abs(a).max()))
-    msg += f"; maps max rel err {max(errs):.2e} over {len(errs)} maps"
-except Exception as e:
-    msg += f"; maps not compared ({e})"
-print(msg)
-PY
+python3 tools/gpu-compare.py inspect "$out" path --maps | tee "$out/inspect-compare.txt"
 for d in cuda cpu; do
   step .gpu/bin/edge-ad bench --model demo/efficientnet-lite0.toml --images demo/images/good --refs 4 \
     --frames 100 --warmup 10 --device "$d" 2>&1 | tee "$out/bench-$d.txt"

@@ -504,6 +504,29 @@ impl Gpu {
         }
     }
 
+    /// `scale_or_rsub(y, t, s, n, mode)`: `y *= s` (mode 0, `t` unread) or `y = t − y` (mode 1).
+    fn scale_or_rsub(
+        &self,
+        y: u64,
+        t: u64,
+        scale: f32,
+        n: usize,
+        mode: i32,
+    ) -> Result<(), CudaError> {
+        let n_i = n as i32;
+        // SAFETY: scale_or_rsub(float*, const float*, float, int, int); callers pass y (and t in
+        // mode 1) of n floats.
+        unsafe {
+            self.launch_raw(
+                &self.f.scale_or_rsub,
+                (grid_1d(n, 256), 1, 1),
+                256,
+                0,
+                params!(y, t, scale, n_i, mode),
+            )
+        }
+    }
+
     /// spec §4.2 step 3, first part: `Q_l = (T·W_qᵀ + b_q)/√d` into level `l`'s Q.
     fn project_q(
         &self,
@@ -516,20 +539,9 @@ impl Gpu {
         let c = pr.c;
         let q = self.raw(&ws.q) + 4 * (l * p * c) as u64;
         self.fill_rows(q, self.raw(&pr.b_q), 0, p, c)?;
-        let (null, pc, mode) = (0u64, (p * c) as i32, 0i32);
-        let scale = 1.0f32 / (pr.kv.d as f32).sqrt();
-        // SAFETY: Q holds P·C floats, W_q C·C, T P·C; scale_or_rsub(float*, const float*, float,
-        // int, int) in mode 0 reads no t.
-        unsafe {
-            self.sgemm_nt(p, c, c, t, self.raw(&pr.w_q), q)?;
-            self.launch_raw(
-                &self.f.scale_or_rsub,
-                (grid_1d(p * c, 256), 1, 1),
-                256,
-                0,
-                params!(q, null, scale, pc, mode),
-            )
-        }
+        // SAFETY: Q holds P·C floats, W_q C·C, T P·C.
+        unsafe { self.sgemm_nt(p, c, c, t, self.raw(&pr.w_q), q)? };
+        self.scale_or_rsub(q, 0, 1.0 / (pr.kv.d as f32).sqrt(), p * c, 0)
     }
 
     /// spec §4.2 step 3, the fused attention of level `l`: `concat_h softmax(Q_h K_hᵀ) V_h`.
@@ -564,24 +576,16 @@ impl Gpu {
             self.raw(&ws.gate),
         );
         let r = |s: &CudaSlice<f32>| self.raw(s);
-        let (p_i, h_i, se_i, pc) = (p as i32, h as i32, se as i32, (p * c) as i32);
-        let (unused_scale, rsub_mode, relu, sigmoid) = (1.0f32, 1i32, 1i32, 2i32);
+        let (p_i, h_i, se_i) = (p as i32, h as i32, se as i32);
+        let (relu, sigmoid) = (1i32, 2i32);
         let (w_s1, b_s1, w_s2, b_s2) = (r(&pr.w_s1), r(&pr.b_s1), r(&pr.w_s2), r(&pr.b_s2));
         // A = concat·W_oᵀ + b_o.
         self.fill_rows(x1, r(&pr.b_o), 0, p, c)?;
         // SAFETY: every launch's parameters match its kernel in kernels.cu and every product's
         // operands have the sizes of spec §4.3 (the buffers were sized from this projector).
-        unsafe {
-            self.sgemm_nt(p, c, c, attn, r(&pr.w_o), x1)?;
-            // Step 4: X1 = T − A.
-            self.launch_raw(
-                &self.f.scale_or_rsub,
-                (grid_1d(p * c, 256), 1, 1),
-                256,
-                0,
-                params!(x1, t, unused_scale, pc, rsub_mode),
-            )?;
-        }
+        unsafe { self.sgemm_nt(p, c, c, attn, r(&pr.w_o), x1)? };
+        // Step 4: X1 = T − A.
+        self.scale_or_rsub(x1, t, 1.0, p * c, 1)?;
         // Step 5: H = X1·W_1ᵀ + b_1; SE gate from H's mean; gelu(H ⊙ g); Y = ·W_2ᵀ + b_2 + X1.
         self.fill_rows(hid, r(&pr.b_1), 0, p, h)?;
         // SAFETY: as above.
