@@ -31,9 +31,10 @@ pub use frame::{GpuFrame, GpuProjector, GpuTimings};
 /// The CUDA C source of every kernel.
 pub const SOURCE: &str = include_str!("cuda/kernels.cu");
 /// Entry points in [`SOURCE`].
-pub const KERNELS: [&str; 14] = [
+pub const KERNELS: [&str; 15] = [
     "unit_rows_f16",
     "nn_search",
+    "nn_search_wmma",
     "nn_finish",
     "lkv_attention",
     "lkv_attention_mma",
@@ -343,6 +344,7 @@ fn load_or_compile(arch: &str, dir: &Path) -> Result<Vec<u8>, CudaError> {
 struct Funcs {
     unit_rows: CudaFunction,
     nn_search: CudaFunction,
+    nn_search_wmma: CudaFunction,
     nn_finish: CudaFunction,
     lkv_attention: CudaFunction,
     lkv_attention_mma: CudaFunction,
@@ -375,6 +377,8 @@ pub struct Gpu {
     arch: String,
     /// sm_80 or newer: `mma.sync m16n8k16` exists (the attention's tensor-core kernel).
     tensor_cores: bool,
+    /// The residual search runs the WMMA kernel (before sm_80, or forced for tests).
+    wmma_search: bool,
     blas: Option<Blas>,
     /// Device allocations made through this handle (the zero-allocation test reads it).
     allocations: AtomicUsize,
@@ -472,6 +476,7 @@ impl Gpu {
         let f = Funcs {
             unit_rows: get("unit_rows_f16")?,
             nn_search: get("nn_search")?,
+            nn_search_wmma: get("nn_search_wmma")?,
             nn_finish: get("nn_finish")?,
             lkv_attention: get("lkv_attention")?,
             lkv_attention_mma: get("lkv_attention_mma")?,
@@ -492,6 +497,7 @@ impl Gpu {
             f,
             arch,
             tensor_cores: major >= 8,
+            wmma_search: major < 8,
             blas: None,
             allocations: AtomicUsize::new(0),
         };
@@ -530,6 +536,17 @@ impl Gpu {
             handle,
             _workspace: workspace,
         })
+    }
+
+    /// Run the residual search with the WMMA kernel (Xavier's path) on this GPU too: lets a newer
+    /// GPU test the kernel that sm_72 runs.
+    pub fn force_wmma_search(&mut self) {
+        self.wmma_search = true;
+    }
+
+    /// True when the residual search runs the WMMA kernel.
+    pub fn wmma_search(&self) -> bool {
+        self.wmma_search
     }
 
     /// True when cuBLAS was loaded (the projector can run on the GPU).
@@ -677,8 +694,13 @@ impl Gpu {
         // passed by value with kernels.cu's layout; queries and residual hold levels·n rows of
         // `padded` (a multiple of 16), the partial buffers levels·NN_MAX_SPLITS·n values.
         unsafe {
+            let search = if self.wmma_search {
+                &self.f.nn_search_wmma
+            } else {
+                &self.f.nn_search
+            };
             self.launch_raw(
-                &self.f.nn_search,
+                search,
                 (grid_1d(n, NN_BM), max_splits as u32, levels as u32),
                 NN_THREADS,
                 (NN_BM * padded * 2) as u32,
@@ -837,6 +859,7 @@ impl Gpu {
         let f = match kernel {
             "unit_rows_f16" => &self.f.unit_rows,
             "nn_search" => &self.f.nn_search,
+            "nn_search_wmma" => &self.f.nn_search_wmma,
             "nn_finish" => &self.f.nn_finish,
             "lkv_attention" => &self.f.lkv_attention,
             "lkv_attention_mma" => &self.f.lkv_attention_mma,
@@ -857,8 +880,15 @@ impl Gpu {
     /// Upload one level's bank (its unit rows and raw rows in fp16).
     pub fn upload_bank(&self, bank: &LevelBank) -> Result<GpuBank, CudaError> {
         let (c, padded) = (bank.channels(), bank.channels().div_ceil(16) * 16);
-        let unit = pad_rows(&to_f16_bits(bank.unit()), c, padded);
-        let raw = pad_rows(&to_f16_bits(bank.raw()), c, padded);
+        // Rows padded to a multiple of 16 with zeros: the WMMA search reads whole 16-row tiles.
+        let rows_padded = bank.rows().div_ceil(16) * 16;
+        let pad = |v: Vec<u16>| {
+            let mut v = pad_rows(&v, c, padded);
+            v.resize(rows_padded * padded, 0);
+            v
+        };
+        let unit = pad(to_f16_bits(bank.unit()));
+        let raw = pad(to_f16_bits(bank.raw()));
         let unit = self.upload(&unit)?;
         let raw = self.upload(&raw)?;
         Ok(GpuBank {

@@ -63,7 +63,7 @@ fn sm_limits(arch: &str) -> (u32, u32, u32) {
 /// Threads per block and dynamic shared memory each kernel is launched with (DINOv2-S: C = 384).
 fn launch_shape(kernel: &str) -> (u32, u32) {
     match kernel {
-        "nn_search" => (cuda::NN_THREADS, (cuda::NN_BM * 384 * 2) as u32),
+        "nn_search" | "nn_search_wmma" => (cuda::NN_THREADS, (cuda::NN_BM * 384 * 2) as u32),
         "lkv_attention" => (cuda::ATT_THREADS, 0),
         "lkv_attention_mma" => (cuda::ATT_MMA_THREADS, 0),
         "assemble" | "gauss" | "col_mean" => (128, 0),
@@ -278,6 +278,27 @@ fn gpu_residual_search_matches_the_cpu_twin() {
         }
         let b = LevelBank::new(256, 64, &bank, BankDtype::F16).unwrap();
         compare_residual(&g, &tokens, &b, "conformance a2");
+    }
+}
+
+/// Xavier's residual search (WMMA m16n16k16; sm_72 has no m16n8k16) forced on this GPU, against
+/// the CPU twin at the same shapes.
+#[test]
+fn gpu_wmma_residual_search_matches_the_cpu_twin() {
+    let Some(mut g) = gpu() else { return };
+    g.force_wmma_search();
+    let mut seed = 6u64;
+    for (n, m, c) in [
+        (256, 2048, 384),
+        (37, 1000, 64),
+        (1, 3, 16),
+        (196, 784, 152),
+        (5, 40, 3),
+    ] {
+        let bank: Vec<f32> = (0..m * c).map(|_| rnd(&mut seed)).collect();
+        let q: Vec<f32> = (0..n * c).map(|_| rnd(&mut seed)).collect();
+        let b = LevelBank::new(m, c, &bank, BankDtype::F16).unwrap();
+        compare_residual(&g, &q, &b, &format!("WMMA {n}×{m}×{c}"));
     }
 }
 

@@ -87,8 +87,8 @@ extern "C" __global__ void __launch_bounds__(NN_WARPS * 32) nn_search(
                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
         }
 #else
-        // Before sm_80 (Xavier, sm_72) m16n8k16 does not exist: the same four accumulators of the
-        // same fragment positions by FFMA, so the epilogue below is shared.
+        // Before sm_80 m16n8k16 does not exist: the same four accumulators by FFMA, so the kernel
+        // still compiles and is correct there; edge-ad runs nn_search_wmma on those GPUs instead.
         (void)bp;
         const u32* bq0 = (const u32*)bank_unit + (size_t)min(n0 + 2 * t, m - 1) * c2;
         const u32* bq1 = (const u32*)bank_unit + (size_t)min(n0 + 2 * t + 1, m - 1) * c2;
@@ -124,6 +124,83 @@ extern "C" __global__ void __launch_bounds__(NN_WARPS * 32) nn_search(
         for (int w = 0; w < NN_WARPS; ++w) take(b, bi, s_best[w][tid], s_idx[w][tid]);
         part_best[(size_t)blockIdx.y * n + q0 + tid] = b;
         part_idx[(size_t)blockIdx.y * n + q0 + tid] = bi;
+    }
+}
+
+// spec §3.3 on Volta-class tensor cores (Xavier, sm_72: no mma.sync m16n8k16 there): the same
+// split search as nn_search with WMMA m16n16k16 (fp16 in, f32 accumulate, in PTX: NVRTC then needs
+// no CUDA header). WMMA's accumulator layout is opaque, so each warp stores its 16 × 16 tile of
+// similarities to shared memory and reads it back for the argmax. Bank buffers are padded to a
+// multiple of 16 rows (zeros) so that a tile never reads past them; rows past m are not taken.
+// Runs on every architecture from sm_70 (tests run it on newer GPUs too).
+extern "C" __global__ void __launch_bounds__(NN_WARPS * 32) nn_search_wmma(
+    const half_t* __restrict__ q_unit, const NnLevels lv, int n, int c,
+    float* __restrict__ part_best, int* __restrict__ part_idx) {
+    extern __shared__ __align__(32) u32 sq[];
+    __shared__ __align__(32) float s_tile[NN_WARPS][16 * 16];
+    __shared__ float s_best[NN_WARPS][NN_BM];
+    __shared__ int s_idx[NN_WARPS][NN_BM];
+    const int level = blockIdx.z;
+    if ((int)blockIdx.y >= lv.splits[level]) return;
+    const half_t* __restrict__ bank_unit = lv.unit[level];
+    const int m = lv.m[level], chunk = lv.chunk[level];
+    q_unit += (size_t)level * n * c;
+    part_best += (size_t)level * NN_MAX_SPLITS * n;
+    part_idx += (size_t)level * NN_MAX_SPLITS * n;
+    const int q0 = blockIdx.x * NN_BM, tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int r0 = blockIdx.y * chunk, r1 = min(m, r0 + chunk);
+    const int c2 = c >> 1;
+    for (int i = tid; i < NN_BM * c2; i += blockDim.x) {
+        int row = i / c2;
+        sq[i] = (q0 + row < n) ? ((const u32*)q_unit)[(size_t)(q0 + row) * c2 + (i - row * c2)] : 0u;
+    }
+    __syncthreads();
+    // Lane l scans query row l & 15, tile columns 8·(l >> 4) … +7.
+    const int my_row = lane & 15, col0 = (lane >> 4) * 8;
+    float best = NEG_INF;
+    int bi = 0x7fffffff;
+    const half_t* sqh = (const half_t*)sq;
+    float* tile = s_tile[warp];
+    for (int n0 = r0 + warp * 16; n0 < r1; n0 += NN_WARPS * 16) {
+        float d0 = 0.f, d1 = 0.f, d2 = 0.f, d3 = 0.f, d4 = 0.f, d5 = 0.f, d6 = 0.f, d7 = 0.f;
+        for (int k0 = 0; k0 < c; k0 += 16) {
+            u32 a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, b2, b3, b4, b5, b6, b7;
+            asm volatile("wmma.load.a.sync.aligned.row.m16n16k16.f16 {%0,%1,%2,%3,%4,%5,%6,%7}, [%8], %9;"
+                         : "=r"(a0), "=r"(a1), "=r"(a2), "=r"(a3), "=r"(a4), "=r"(a5), "=r"(a6), "=r"(a7)
+                         : "l"(sqh + k0), "r"(c));
+            asm volatile("wmma.load.b.sync.aligned.col.m16n16k16.f16 {%0,%1,%2,%3,%4,%5,%6,%7}, [%8], %9;"
+                         : "=r"(b0), "=r"(b1), "=r"(b2), "=r"(b3), "=r"(b4), "=r"(b5), "=r"(b6), "=r"(b7)
+                         : "l"(bank_unit + (size_t)n0 * c + k0), "r"(c));
+            asm volatile(
+                "wmma.mma.sync.aligned.row.col.m16n16k16.f32.f32 {%0,%1,%2,%3,%4,%5,%6,%7}, "
+                "{%8,%9,%10,%11,%12,%13,%14,%15}, {%16,%17,%18,%19,%20,%21,%22,%23}, "
+                "{%0,%1,%2,%3,%4,%5,%6,%7};"
+                : "+f"(d0), "+f"(d1), "+f"(d2), "+f"(d3), "+f"(d4), "+f"(d5), "+f"(d6), "+f"(d7)
+                : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(a4), "r"(a5), "r"(a6), "r"(a7),
+                  "r"(b0), "r"(b1), "r"(b2), "r"(b3), "r"(b4), "r"(b5), "r"(b6), "r"(b7));
+        }
+        asm volatile("wmma.store.d.sync.aligned.row.m16n16k16.f32 [%0], {%1,%2,%3,%4,%5,%6,%7,%8}, %9;"
+                     :: "l"(tile), "f"(d0), "f"(d1), "f"(d2), "f"(d3), "f"(d4), "f"(d5), "f"(d6), "f"(d7), "r"(16)
+                     : "memory");
+        __syncwarp();
+        for (int j = 0; j < 8; ++j) {
+            const int col = n0 + col0 + j;
+            if (col < r1) take(best, bi, tile[my_row * 16 + col0 + j], col);
+        }
+        __syncwarp();
+    }
+    {
+        const float ob = __shfl_xor_sync(0xffffffffu, best, 16);
+        const int oi = __shfl_xor_sync(0xffffffffu, bi, 16);
+        take(best, bi, ob, oi);
+    }
+    if (lane < 16) { s_best[warp][lane] = best; s_idx[warp][lane] = bi; }
+    __syncthreads();
+    if (tid < NN_BM && q0 + tid < n) {
+        float b = NEG_INF; int bj = 0x7fffffff;
+        for (int w = 0; w < NN_WARPS; ++w) take(b, bj, s_best[w][tid], s_idx[w][tid]);
+        part_best[(size_t)blockIdx.y * n + q0 + tid] = b;
+        part_idx[(size_t)blockIdx.y * n + q0 + tid] = bj;
     }
 }
 
