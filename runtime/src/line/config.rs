@@ -313,6 +313,24 @@ pub struct GpioSection {
     pub pinmux_report: PathBuf,
 }
 
+impl GpioSection {
+    /// The configured output lines with their pins, in one order for every user (the daemon
+    /// opens them, `pinmux-check` checks them).
+    pub fn outputs(&self) -> impl Iterator<Item = (super::gpio::OutLine, &super::gpio::PinSpec)> {
+        use super::gpio::OutLine;
+        [
+            (OutLine::Pass, &self.pass),
+            (OutLine::Strobe, &self.strobe),
+            (OutLine::Ready, &self.ready),
+            (OutLine::Heartbeat, &self.heartbeat),
+            (OutLine::Fault, &self.fault),
+            (OutLine::Reject, &self.reject),
+        ]
+        .into_iter()
+        .filter_map(|(line, spec)| spec.as_ref().map(|s| (line, s)))
+    }
+}
+
 fn default_strobe() -> u64 {
     20
 }

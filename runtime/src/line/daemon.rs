@@ -233,21 +233,12 @@ pub fn run(config_path: &Path) -> Result<Counters, StartError> {
         }
     }
     if let Some(g) = &cfg.gpio {
-        use super::gpio::{resolve_pin, GpioSink, GpiocdevOut, OutLine, OutputTiming};
+        use super::gpio::{resolve_pin, GpioSink, GpiocdevOut, OutputTiming};
         let mut outs = Vec::new();
-        for (line, spec) in [
-            (OutLine::Pass, &g.pass),
-            (OutLine::Strobe, &g.strobe),
-            (OutLine::Ready, &g.ready),
-            (OutLine::Heartbeat, &g.heartbeat),
-            (OutLine::Fault, &g.fault),
-            (OutLine::Reject, &g.reject),
-        ] {
-            if let Some(spec) = spec {
-                let (chip, off) =
-                    resolve_pin(spec, board.as_ref()).map_err(|e| format!("gpio {line:?}: {e}"))?;
-                outs.push((line, chip, off));
-            }
+        for (line, spec) in g.outputs() {
+            let (chip, off) =
+                resolve_pin(spec, board.as_ref()).map_err(|e| format!("gpio {line:?}: {e}"))?;
+            outs.push((line, chip, off));
         }
         if !outs.is_empty() {
             match GpiocdevOut::open(&outs) {

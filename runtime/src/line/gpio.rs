@@ -29,6 +29,20 @@ pub enum OutLine {
     Reject,
 }
 
+impl OutLine {
+    /// The line's name in configs and reports (`pass`, `strobe`, …).
+    pub fn role(self) -> &'static str {
+        match self {
+            OutLine::Pass => "pass",
+            OutLine::Strobe => "strobe",
+            OutLine::Ready => "ready",
+            OutLine::Heartbeat => "heartbeat",
+            OutLine::Fault => "fault",
+            OutLine::Reject => "reject",
+        }
+    }
+}
+
 /// The hardware seam.
 pub trait DigitalOut: Send {
     /// Drive `line` active or inactive.

@@ -70,24 +70,15 @@ fn config_pins(cfg: &LineConfig) -> Vec<(&'static str, &PinSpec, Direction)> {
     let Some(g) = &cfg.gpio else {
         return Vec::new();
     };
-    let outputs = [
-        ("pass", &g.pass),
-        ("strobe", &g.strobe),
-        ("ready", &g.ready),
-        ("heartbeat", &g.heartbeat),
-        ("fault", &g.fault),
-        ("reject", &g.reject),
-    ];
     let mut pins: Vec<_> = g
         .trigger
         .iter()
         .map(|p| ("trigger", p, Direction::Input))
         .collect();
-    for (role, spec) in outputs {
-        if let Some(p) = spec {
-            pins.push((role, p, Direction::Output));
-        }
-    }
+    pins.extend(
+        g.outputs()
+            .map(|(line, p)| (line.role(), p, Direction::Output)),
+    );
     pins
 }
 
