@@ -10,9 +10,7 @@
 
 use crate::featurenorm::FeatureNorm;
 use crate::residual::LevelBank;
-use cudarc::driver::{
-    CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg,
-};
+use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream};
 use std::ffi::{c_char, CString};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -30,24 +28,6 @@ pub use frame::{GpuFrame, GpuProjector, GpuTimings};
 
 /// The CUDA C source of every kernel.
 pub const SOURCE: &str = include_str!("cuda/kernels.cu");
-/// Entry points in [`SOURCE`].
-pub const KERNELS: [&str; 15] = [
-    "unit_rows_f16",
-    "nn_search",
-    "nn_search_wmma",
-    "nn_finish",
-    "lkv_attention",
-    "lkv_attention_mma",
-    "level_norms",
-    "assemble",
-    "gauss",
-    "max_reduce",
-    "fill_rows",
-    "scale_or_rsub",
-    "col_mean",
-    "matvec_act",
-    "gelu_gated",
-];
 /// Architectures edge-ad ships cubins for: Xavier, Orin, H100 (testing).
 pub const TARGETS: [&str; 3] = ["sm_72", "sm_87", "sm_90"];
 /// Threads per block of `nn_search` (4 warps).
@@ -341,22 +321,49 @@ fn load_or_compile(arch: &str, dir: &Path) -> Result<Vec<u8>, CudaError> {
     Ok(c.cubin)
 }
 
-struct Funcs {
-    unit_rows: CudaFunction,
-    nn_search: CudaFunction,
-    nn_search_wmma: CudaFunction,
-    nn_finish: CudaFunction,
-    lkv_attention: CudaFunction,
-    lkv_attention_mma: CudaFunction,
-    level_norms: CudaFunction,
-    assemble: CudaFunction,
-    gauss: CudaFunction,
-    max_reduce: CudaFunction,
-    fill_rows: CudaFunction,
-    scale_or_rsub: CudaFunction,
-    col_mean: CudaFunction,
-    matvec_act: CudaFunction,
-    gelu_gated: CudaFunction,
+/// The kernels of [`SOURCE`], each named once: the loaded functions and [`KERNELS`] follow.
+macro_rules! kernels {
+    ($($field:ident = $name:literal),* $(,)?) => {
+        /// Entry points in [`SOURCE`].
+        pub const KERNELS: [&str; [$($name),*].len()] = [$($name),*];
+
+        struct Funcs {
+            $($field: CudaFunction,)*
+        }
+
+        impl Funcs {
+            fn load(module: &Arc<cudarc::driver::CudaModule>) -> Result<Self, CudaError> {
+                Ok(Self {
+                    $($field: module.load_function($name).map_err(drv)?,)*
+                })
+            }
+
+            fn by_name(&self, name: &str) -> Option<&CudaFunction> {
+                match name {
+                    $($name => Some(&self.$field),)*
+                    _ => None,
+                }
+            }
+        }
+    };
+}
+
+kernels! {
+    unit_rows = "unit_rows_f16",
+    nn_search = "nn_search",
+    nn_search_wmma = "nn_search_wmma",
+    nn_finish = "nn_finish",
+    lkv_attention = "lkv_attention",
+    lkv_attention_mma = "lkv_attention_mma",
+    level_norms = "level_norms",
+    assemble = "assemble",
+    gauss = "gauss",
+    max_reduce = "max_reduce",
+    fill_rows = "fill_rows",
+    scale_or_rsub = "scale_or_rsub",
+    col_mean = "col_mean",
+    matvec_act = "matvec_act",
+    gelu_gated = "gelu_gated",
 }
 
 /// cuBLAS workspace handed to the handle at load (NVIDIA's recommendation for Hopper), so no
@@ -472,24 +479,7 @@ impl Gpu {
         let module = ctx
             .load_module(cudarc::nvrtc::Ptx::from_binary(cubin))
             .map_err(drv)?;
-        let get = |name: &str| module.load_function(name).map_err(drv);
-        let f = Funcs {
-            unit_rows: get("unit_rows_f16")?,
-            nn_search: get("nn_search")?,
-            nn_search_wmma: get("nn_search_wmma")?,
-            nn_finish: get("nn_finish")?,
-            lkv_attention: get("lkv_attention")?,
-            lkv_attention_mma: get("lkv_attention_mma")?,
-            level_norms: get("level_norms")?,
-            assemble: get("assemble")?,
-            gauss: get("gauss")?,
-            max_reduce: get("max_reduce")?,
-            fill_rows: get("fill_rows")?,
-            scale_or_rsub: get("scale_or_rsub")?,
-            col_mean: get("col_mean")?,
-            matvec_act: get("matvec_act")?,
-            gelu_gated: get("gelu_gated")?,
-        };
+        let f = Funcs::load(&module)?;
         let stream = ctx.default_stream();
         let mut gpu = Self {
             ctx,
@@ -856,24 +846,7 @@ impl Gpu {
 
     /// Registers per thread of a loaded kernel, as the driver reports it.
     pub fn registers(&self, kernel: &str) -> Option<i32> {
-        let f = match kernel {
-            "unit_rows_f16" => &self.f.unit_rows,
-            "nn_search" => &self.f.nn_search,
-            "nn_search_wmma" => &self.f.nn_search_wmma,
-            "nn_finish" => &self.f.nn_finish,
-            "lkv_attention" => &self.f.lkv_attention,
-            "lkv_attention_mma" => &self.f.lkv_attention_mma,
-            "level_norms" => &self.f.level_norms,
-            "assemble" => &self.f.assemble,
-            "gauss" => &self.f.gauss,
-            "max_reduce" => &self.f.max_reduce,
-            "fill_rows" => &self.f.fill_rows,
-            "scale_or_rsub" => &self.f.scale_or_rsub,
-            "col_mean" => &self.f.col_mean,
-            "matvec_act" => &self.f.matvec_act,
-            "gelu_gated" => &self.f.gelu_gated,
-            _ => return None,
-        };
+        let f = self.f.by_name(kernel)?;
         f.num_regs().ok()
     }
 
@@ -1051,74 +1024,30 @@ impl Gpu {
             )));
         }
         let c = levels[0].len() / p;
-        let s = &self.stream;
         let feats: Vec<f32> = levels.iter().flat_map(|v| v.iter().copied()).collect();
-        let feats = s.clone_htod(&feats).map_err(drv)?;
+        let feats = self.upload(&feats)?;
         let taps: Vec<f32> = fnorm.taps().iter().map(|&t| t as f32).collect();
-        let radius = (taps.len() / 2) as i32;
-        let taps = s.clone_htod(&taps).map_err(drv)?;
-        let mut grid = s.alloc_zeros::<f32>(l * p).map_err(drv)?;
-        let mut a = s.alloc_zeros::<f32>(h * w).map_err(drv)?;
-        let mut b2 = s.alloc_zeros::<f32>(h * w).map_err(drv)?;
-        let mut score = s.alloc_zeros::<u32>(1).map_err(drv)?;
-        let (lp, c_i, paper) = (
-            (l * p) as i32,
-            c as i32,
-            i32::from(fnorm.form() == crate::NormForm::Paper),
-        );
-        let cfg = LaunchConfig {
-            grid_dim: (grid_1d(l * p * 32, 256), 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let mut k = s.launch_builder(&self.f.level_norms);
-        k.arg(&feats).arg(&mut grid).arg(&lp).arg(&c_i).arg(&paper);
-        // SAFETY: argument types and order match `level_norms`.
-        unsafe { k.launch(cfg) }.map_err(drv)?;
-        let (l_i, gh_i, gw_i, h_i, w_i) = (l as i32, gh as i32, gw as i32, h as i32, w as i32);
-        let img = LaunchConfig {
-            grid_dim: (grid_1d(w, 128), h as u32, 1),
-            block_dim: (128, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let mut k = s.launch_builder(&self.f.assemble);
-        k.arg(&grid)
-            .arg(&mut a)
-            .arg(&l_i)
-            .arg(&gh_i)
-            .arg(&gw_i)
-            .arg(&h_i)
-            .arg(&w_i);
-        // SAFETY: argument types and order match `assemble`.
-        unsafe { k.launch(img) }.map_err(drv)?;
-        // Vertical pass a → b2, then horizontal b2 → a (SciPy's axis order).
-        let gauss = |src: &CudaSlice<f32>, dst: &mut CudaSlice<f32>, vertical: i32| {
-            let mut k = s.launch_builder(&self.f.gauss);
-            k.arg(src)
-                .arg(dst)
-                .arg(&taps)
-                .arg(&radius)
-                .arg(&h_i)
-                .arg(&w_i)
-                .arg(&vertical);
-            // SAFETY: argument types and order match `gauss`.
-            unsafe { k.launch(img) }.map(|_| ()).map_err(drv)
-        };
-        gauss(&a, &mut b2, 1)?;
-        gauss(&b2, &mut a, 0)?;
-        let n_px = (h * w) as i32;
-        let cfg = LaunchConfig {
-            grid_dim: (grid_1d(h * w, 1024).min(64), 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let mut k = s.launch_builder(&self.f.max_reduce);
-        k.arg(&a).arg(&n_px).arg(&mut score);
-        // SAFETY: argument types and order match `max_reduce`.
-        unsafe { k.launch(cfg) }.map_err(drv)?;
-        s.memcpy_dtoh(&a, map).map_err(drv)?;
-        let bits: Vec<u32> = s.clone_dtoh(&score).map_err(drv)?;
-        self.ctx.synchronize().map_err(drv)?;
-        Ok(f32::from_bits(bits[0]))
+        let taps = self.upload(&taps)?;
+        let grids = self.alloc::<f32>(l * p)?;
+        let (a, b) = (self.alloc::<f32>(h * w)?, self.alloc::<f32>(h * w)?);
+        let score = self.alloc::<f32>(1)?;
+        self.bind()?;
+        // The horizontal pass writes the map back into `a` (not read after the vertical pass).
+        self.launch_featurenorm(
+            &frame::ScoreShape::of(fnorm),
+            l,
+            c,
+            self.raw(&feats),
+            self.raw(&taps),
+            self.raw(&grids),
+            self.raw(&a),
+            self.raw(&b),
+            self.raw(&a),
+            self.raw(&score),
+        )?;
+        self.stream.memcpy_dtoh(&a, map).map_err(drv)?;
+        let bits: Vec<f32> = self.stream.clone_dtoh(&score).map_err(drv)?;
+        self.stream.synchronize().map_err(drv)?;
+        Ok(bits[0])
     }
 }

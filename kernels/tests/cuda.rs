@@ -239,11 +239,9 @@ fn compare_residual(g: &Gpu, queries: &[f32], bank: &LevelBank, name: &str) {
     );
 }
 
-#[test]
-fn gpu_residual_search_matches_the_cpu_twin() {
-    let Some(g) = gpu() else { return };
-    let mut seed = 5u64;
-    // DINOv2-S shape: 256 queries, K = 8 → 2048 bank rows, C = 384; plus ragged sizes.
+/// [`compare_residual`] at the DINOv2-S shape (256 queries, K = 8 → 2048 bank rows, C = 384) and
+/// ragged ones, random data from `seed`, the first query zero (similarity 0 everywhere → row 0).
+fn compare_random_shapes(g: &Gpu, mut seed: u64, label: &str) {
     for (n, m, c) in [
         (256, 2048, 384),
         (37, 1000, 64),
@@ -253,10 +251,16 @@ fn gpu_residual_search_matches_the_cpu_twin() {
     ] {
         let bank: Vec<f32> = (0..m * c).map(|_| rnd(&mut seed)).collect();
         let mut q: Vec<f32> = (0..n * c).map(|_| rnd(&mut seed)).collect();
-        q[..c].fill(0.0); // a zero query: similarity 0 everywhere → row 0
+        q[..c].fill(0.0);
         let b = LevelBank::new(m, c, &bank, BankDtype::F16).unwrap();
-        compare_residual(&g, &q, &b, &format!("random {n}×{m}×{c}"));
+        compare_residual(g, &q, &b, &format!("{label} {n}×{m}×{c}"));
     }
+}
+
+#[test]
+fn gpu_residual_search_matches_the_cpu_twin() {
+    let Some(g) = gpu() else { return };
+    compare_random_shapes(&g, 5, "random");
     // Conformance case a2 (C = 64), when its file travelled with the test.
     if let Some(dir) = std::env::var_os("EDGE_AD_CONFORMANCE").map(PathBuf::from) {
         let bytes = std::fs::read(dir.join("a2_residual_random.safetensors")).unwrap();
@@ -287,19 +291,7 @@ fn gpu_residual_search_matches_the_cpu_twin() {
 fn gpu_wmma_residual_search_matches_the_cpu_twin() {
     let Some(mut g) = gpu() else { return };
     g.force_wmma_search();
-    let mut seed = 6u64;
-    for (n, m, c) in [
-        (256, 2048, 384),
-        (37, 1000, 64),
-        (1, 3, 16),
-        (196, 784, 152),
-        (5, 40, 3),
-    ] {
-        let bank: Vec<f32> = (0..m * c).map(|_| rnd(&mut seed)).collect();
-        let q: Vec<f32> = (0..n * c).map(|_| rnd(&mut seed)).collect();
-        let b = LevelBank::new(m, c, &bank, BankDtype::F16).unwrap();
-        compare_residual(&g, &q, &b, &format!("WMMA {n}×{m}×{c}"));
-    }
+    compare_random_shapes(&g, 6, "WMMA");
 }
 
 #[test]

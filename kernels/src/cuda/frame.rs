@@ -58,6 +58,29 @@ pub struct GpuTimings {
     pub download_ms: f64,
 }
 
+/// `matvec_act`'s activations.
+const RELU: i32 = 1;
+const SIGMOID: i32 = 2;
+
+/// What FeatureNorm's launches need to know of a [`FeatureNorm`] (spec §5).
+pub(super) struct ScoreShape {
+    grid: (usize, usize),
+    size: (usize, usize),
+    paper: i32,
+    radius: i32,
+}
+
+impl ScoreShape {
+    pub(super) fn of(fnorm: &FeatureNorm) -> Self {
+        Self {
+            grid: fnorm.grid(),
+            size: fnorm.out_size(),
+            paper: i32::from(fnorm.form() == crate::NormForm::Paper),
+            radius: (fnorm.taps().len() / 2) as i32,
+        }
+    }
+}
+
 /// The projector's per-frame buffers: Q and the attention output per level (the attention of all
 /// levels runs as one phase, timed on its own), the rest shared by the levels in turn.
 struct ProjectorSpace {
@@ -80,10 +103,7 @@ pub struct GpuFrame {
     positions: usize,
     channels: usize,
     padded: usize,
-    grid: (usize, usize),
-    size: (usize, usize),
-    paper: i32,
-    radius: i32,
+    score: ScoreShape,
     /// Host staging of the queries, `levels × P × padded`, zero padding kept.
     staging: Vec<f32>,
     /// Host copy of `out`.
@@ -145,7 +165,7 @@ impl GpuFrame {
     }
 
     fn hw(&self) -> usize {
-        self.size.0 * self.size.1
+        self.score.size.0 * self.score.size.1
     }
 
     /// The last frame's score map (`h × w`).
@@ -297,10 +317,7 @@ impl Gpu {
             positions: p,
             channels,
             padded,
-            grid,
-            size,
-            paper: i32::from(fnorm.form() == crate::NormForm::Paper),
-            radius: (taps.len() / 2) as i32,
+            score: ScoreShape::of(fnorm),
             staging: vec![0.0; lpc],
             results: vec![0.0; out_len],
             queries: self.alloc(lpc)?,
@@ -367,8 +384,7 @@ impl Gpu {
             self.raw(&fr.residual),
             self.raw(&fr.out),
         );
-        let hw = fr.size.0 * fr.size.1;
-        let (rows_i, cp_i) = ((levels * p) as i32, cp as i32);
+        let hw = fr.hw();
         self.launch_unit_rows(q, qu, levels * p, cp)?;
         let argmax_base = out + 4 * (hw + levels * p + 1) as u64;
         self.launch_residual(
@@ -420,20 +436,56 @@ impl Gpu {
             self.raw(&fr.blur_b),
             self.raw(&fr.taps),
         );
-        let (paper, radius) = (fr.paper, fr.radius);
-        let (l_i, gh, gw) = (levels as i32, fr.grid.0 as i32, fr.grid.1 as i32);
-        let (h_i, w_i, px) = (fr.size.0 as i32, fr.size.1 as i32, hw as i32);
-        let img = (grid_1d(fr.size.1, 128), fr.size.0 as u32, 1);
+        self.launch_featurenorm(&fr.score, levels, cp, feats, taps, grids, a, b, out, score)?;
+        ev[6].record(s).map_err(drv)?;
+        s.memcpy_dtoh(&fr.out, &mut fr.results).map_err(drv)?;
+        ev[7].record(s).map_err(drv)?;
+        s.synchronize().map_err(drv)?;
+        let span = |i: usize, j: usize| ev[i].elapsed_ms(&ev[j]).map(f64::from).map_err(drv);
+        fr.timings = GpuTimings {
+            upload_ms: span(0, 1)?,
+            residual_ms: span(1, 2)?,
+            projector_ms: span(2, 5)?,
+            attention_ms: span(3, 4)?,
+            score_ms: span(5, 6)?,
+            download_ms: span(6, 7)?,
+        };
+        Ok(fr.score())
+    }
+
+    /// spec §5 on the device for `levels` feature sets at `feats` (`levels × P` rows of `c`): level
+    /// grids into `grids`, assembled into `a`, blurred vertically into `b` and horizontally into
+    /// `map` (which may be `a`), its maximum into `score` (zeroed first; f32 bits).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn launch_featurenorm(
+        &self,
+        sh: &ScoreShape,
+        levels: usize,
+        c: usize,
+        feats: u64,
+        taps: u64,
+        grids: u64,
+        a: u64,
+        b: u64,
+        map: u64,
+        score: u64,
+    ) -> Result<(), CudaError> {
+        let p = sh.grid.0 * sh.grid.1;
+        let hw = sh.size.0 * sh.size.1;
+        let (rows_i, c_i, paper, radius) = ((levels * p) as i32, c as i32, sh.paper, sh.radius);
+        let (l_i, gh, gw) = (levels as i32, sh.grid.0 as i32, sh.grid.1 as i32);
+        let (h_i, w_i, px) = (sh.size.0 as i32, sh.size.1 as i32, hw as i32);
+        let img = (grid_1d(sh.size.1, 128), sh.size.0 as u32, 1);
         let (vertical, horizontal) = (1i32, 0i32);
-        // SAFETY: each launch's parameters match its kernel (see kernels.cu); buffers were sized
-        // for this frame's levels, grid and map.
+        // SAFETY: each launch's parameters match its kernel (see kernels.cu); callers size the
+        // buffers for `levels`, the grid and the map.
         unsafe {
             self.launch_raw(
                 &self.f.level_norms,
                 (grid_1d(levels * p * 32, 256), 1, 1),
                 256,
                 0,
-                params!(feats, grids, rows_i, cp_i, paper),
+                params!(feats, grids, rows_i, c_i, paper),
             )?;
             self.launch_raw(
                 &self.f.assemble,
@@ -454,31 +506,44 @@ impl Gpu {
                 img,
                 128,
                 0,
-                params!(b, out, taps, radius, h_i, w_i, horizontal),
+                params!(b, map, taps, radius, h_i, w_i, horizontal),
             )?;
-            cudarc::driver::result::memset_d8_async(score, 0, 4, s.cu_stream()).map_err(drv)?;
+            cudarc::driver::result::memset_d8_async(score, 0, 4, self.stream.cu_stream())
+                .map_err(drv)?;
             self.launch_raw(
                 &self.f.max_reduce,
                 (grid_1d(hw, 1024).min(64), 1, 1),
                 256,
                 0,
-                params!(out, px, score),
-            )?;
+                params!(map, px, score),
+            )
         }
-        ev[6].record(s).map_err(drv)?;
-        s.memcpy_dtoh(&fr.out, &mut fr.results).map_err(drv)?;
-        ev[7].record(s).map_err(drv)?;
-        s.synchronize().map_err(drv)?;
-        let span = |i: usize, j: usize| ev[i].elapsed_ms(&ev[j]).map(f64::from).map_err(drv);
-        fr.timings = GpuTimings {
-            upload_ms: span(0, 1)?,
-            residual_ms: span(1, 2)?,
-            projector_ms: span(2, 5)?,
-            attention_ms: span(3, 4)?,
-            score_ms: span(5, 6)?,
-            download_ms: span(6, 7)?,
-        };
-        Ok(fr.score())
+    }
+
+    /// `matvec_act(w, x, b, y, rows, cols, act)`: `y = act(W·x + b)`, act [`RELU`] or [`SIGMOID`].
+    #[allow(clippy::too_many_arguments)]
+    fn matvec_act(
+        &self,
+        w: u64,
+        x: u64,
+        b: u64,
+        y: u64,
+        rows: usize,
+        cols: usize,
+        act: i32,
+    ) -> Result<(), CudaError> {
+        let (rows_i, cols_i) = (rows as i32, cols as i32);
+        // SAFETY: matvec_act(const float*, const float*, const float*, float*, int, int, int);
+        // callers pass W of rows·cols floats, x of cols, b and y of rows.
+        unsafe {
+            self.launch_raw(
+                &self.f.matvec_act,
+                (grid_1d(rows * 32, 256), 1, 1),
+                256,
+                0,
+                params!(w, x, b, y, rows_i, cols_i, act),
+            )
+        }
     }
 
     /// `fill_rows(dst, bias, x, rows, n)`: `dst = bias (+ x)` row by row.
@@ -576,8 +641,7 @@ impl Gpu {
             self.raw(&ws.gate),
         );
         let r = |s: &CudaSlice<f32>| self.raw(s);
-        let (p_i, h_i, se_i) = (p as i32, h as i32, se as i32);
-        let (relu, sigmoid) = (1i32, 2i32);
+        let (p_i, h_i) = (p as i32, h as i32);
         let (w_s1, b_s1, w_s2, b_s2) = (r(&pr.w_s1), r(&pr.b_s1), r(&pr.w_s2), r(&pr.b_s2));
         // A = concat·W_oᵀ + b_o.
         self.fill_rows(x1, r(&pr.b_o), 0, p, c)?;
@@ -598,20 +662,11 @@ impl Gpu {
                 0,
                 params!(hid, mean, p_i, h_i),
             )?;
-            self.launch_raw(
-                &self.f.matvec_act,
-                (grid_1d(se * 32, 256), 1, 1),
-                256,
-                0,
-                params!(w_s1, mean, b_s1, squeeze, se_i, h_i, relu),
-            )?;
-            self.launch_raw(
-                &self.f.matvec_act,
-                (grid_1d(h * 32, 256), 1, 1),
-                256,
-                0,
-                params!(w_s2, squeeze, b_s2, gate, h_i, se_i, sigmoid),
-            )?;
+        }
+        self.matvec_act(w_s1, mean, b_s1, squeeze, se, h, RELU)?;
+        self.matvec_act(w_s2, squeeze, b_s2, gate, h, se, SIGMOID)?;
+        // SAFETY: gelu_gated(float*, const float*, int, int); H holds P·4C floats, the gate 4C.
+        unsafe {
             self.launch_raw(
                 &self.f.gelu_gated,
                 (grid_1d(p * h, 256), 1, 1),

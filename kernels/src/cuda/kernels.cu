@@ -41,6 +41,54 @@ struct NnLevels {
     int splits[NN_MAX_LEVELS];
 };
 
+// One nn_search / nn_search_wmma block's share: its level's bank, its rows [r0, r1), its first
+// query, and where its partial results go.
+struct NnBlock {
+    const half_t* bank_unit;
+    int m, r0, r1, q0;
+    float* part_best;
+    int* part_idx;
+};
+
+// Set up the block (blockIdx.z = level, y = bank split, x = query tile) and load its NN_BM unit
+// queries into shared memory `sq`. False (for the whole block) when the level has fewer splits.
+__device__ __forceinline__ bool nn_block(const half_t* q_unit, const NnLevels& lv, int n, int c,
+                                         float* part_best, int* part_idx, u32* sq, NnBlock& b) {
+    const int level = blockIdx.z;
+    if ((int)blockIdx.y >= lv.splits[level]) return false;
+    const int chunk = lv.chunk[level];
+    b.bank_unit = lv.unit[level];
+    b.m = lv.m[level];
+    b.r0 = blockIdx.y * chunk;
+    b.r1 = min(b.m, b.r0 + chunk);
+    b.q0 = blockIdx.x * NN_BM;
+    b.part_best = part_best + (size_t)level * NN_MAX_SPLITS * n + (size_t)blockIdx.y * n;
+    b.part_idx = part_idx + (size_t)level * NN_MAX_SPLITS * n + (size_t)blockIdx.y * n;
+    const u32* q = (const u32*)(q_unit + (size_t)level * n * c);
+    const int c2 = c >> 1;
+    for (int i = threadIdx.x; i < NN_BM * c2; i += blockDim.x) {
+        const int row = i / c2;
+        sq[i] = (b.q0 + row < n) ? q[(size_t)(b.q0 + row) * c2 + (i - row * c2)] : 0u;
+    }
+    __syncthreads();
+    return true;
+}
+
+// Merge the warps' best (similarity, row) per query, written to s_best/s_idx, into the block's
+// partial result.
+__device__ __forceinline__ void nn_block_write(const NnBlock& b, int n, const float (*s_best)[NN_BM],
+                                               const int (*s_idx)[NN_BM]) {
+    __syncthreads();
+    const int tid = threadIdx.x;
+    if (tid < NN_BM && b.q0 + tid < n) {
+        float best = NEG_INF;
+        int bi = 0x7fffffff;
+        for (int w = 0; w < NN_WARPS; ++w) take(best, bi, s_best[w][tid], s_idx[w][tid]);
+        b.part_best[b.q0 + tid] = best;
+        b.part_idx[b.q0 + tid] = bi;
+    }
+}
+
 // spec §3.3 on tensor cores, split over the bank: block (x, y) takes NN_BM unit fp16 queries and
 // the bank rows [y·chunk, (y+1)·chunk), computes their cosine similarities with mma.sync m16n8k16
 // (f32 accumulate) and keeps a running argmax in registers (the similarity matrix never reaches
@@ -48,35 +96,23 @@ struct NnLevels {
 // nn_finish merges the splits. Splitting the bank is what fills the GPU: 256 queries are only 16
 // blocks. All levels in one launch (blockIdx.z; queries and partials level-major), so that the
 // GPU sees every level's blocks at once. c must be a multiple of 16. Dynamic shared memory:
-// NN_BM·c halves.
+// NN_BM·c halves. sm_80+ (an empty body before: those GPUs run nn_search_wmma).
 extern "C" __global__ void __launch_bounds__(NN_WARPS * 32) nn_search(
     const half_t* __restrict__ q_unit, const NnLevels lv, int n, int c,
     float* __restrict__ part_best, int* __restrict__ part_idx) {
+#if __CUDA_ARCH__ >= 800
     extern __shared__ u32 sq[];
     __shared__ float s_best[NN_WARPS][NN_BM];
     __shared__ int s_idx[NN_WARPS][NN_BM];
-    const int level = blockIdx.z;
-    if ((int)blockIdx.y >= lv.splits[level]) return;
-    const half_t* __restrict__ bank_unit = lv.unit[level];
-    const int m = lv.m[level], chunk = lv.chunk[level];
-    q_unit += (size_t)level * n * c;
-    part_best += (size_t)level * NN_MAX_SPLITS * n;
-    part_idx += (size_t)level * NN_MAX_SPLITS * n;
-    const int q0 = blockIdx.x * NN_BM, tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-    const int r0 = blockIdx.y * chunk, r1 = min(m, r0 + chunk);
+    NnBlock blk;
+    if (!nn_block(q_unit, lv, n, c, part_best, part_idx, sq, blk)) return;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const int c2 = c >> 1;
-    for (int i = tid; i < NN_BM * c2; i += blockDim.x) {
-        int row = i / c2;
-        sq[i] = (q0 + row < n) ? ((const u32*)q_unit)[(size_t)(q0 + row) * c2 + (i - row * c2)] : 0u;
-    }
-    __syncthreads();
-    const int g = lane >> 2, t = lane & 3;
     float best0 = NEG_INF, best1 = NEG_INF;
     int bi0 = 0x7fffffff, bi1 = 0x7fffffff;
-    for (int n0 = r0 + warp * 8; n0 < r1; n0 += NN_WARPS * 8) {
+    for (int n0 = blk.r0 + warp * 8; n0 < blk.r1; n0 += NN_WARPS * 8) {
         float acc0 = 0.f, acc1 = 0.f, acc2 = 0.f, acc3 = 0.f;
-        const u32* bp = (const u32*)bank_unit + (size_t)min(n0 + g, m - 1) * c2;
-#if __CUDA_ARCH__ >= 800
+        const u32* bp = (const u32*)blk.bank_unit + (size_t)min(n0 + g, blk.m - 1) * c2;
         for (int k2 = 0; k2 < c2; k2 += 8) {
             u32 a0 = sq[g * c2 + k2 + t], a1 = sq[(g + 8) * c2 + k2 + t];
             u32 a2 = sq[g * c2 + k2 + 4 + t], a3 = sq[(g + 8) * c2 + k2 + 4 + t];
@@ -86,27 +122,9 @@ extern "C" __global__ void __launch_bounds__(NN_WARPS * 32) nn_search(
                 : "+f"(acc0), "+f"(acc1), "+f"(acc2), "+f"(acc3)
                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
         }
-#else
-        // Before sm_80 m16n8k16 does not exist: the same four accumulators by FFMA, so the kernel
-        // still compiles and is correct there; edge-ad runs nn_search_wmma on those GPUs instead.
-        (void)bp;
-        const u32* bq0 = (const u32*)bank_unit + (size_t)min(n0 + 2 * t, m - 1) * c2;
-        const u32* bq1 = (const u32*)bank_unit + (size_t)min(n0 + 2 * t + 1, m - 1) * c2;
-        for (int k2 = 0; k2 < c2; ++k2) {
-            u32 x0 = sq[g * c2 + k2], x1 = sq[(g + 8) * c2 + k2], y0 = __ldg(bq0 + k2), y1 = __ldg(bq1 + k2);
-            float x0l = h2f((half_t)(x0 & 0xffff)), x0h = h2f((half_t)(x0 >> 16));
-            float x1l = h2f((half_t)(x1 & 0xffff)), x1h = h2f((half_t)(x1 >> 16));
-            float y0l = h2f((half_t)(y0 & 0xffff)), y0h = h2f((half_t)(y0 >> 16));
-            float y1l = h2f((half_t)(y1 & 0xffff)), y1h = h2f((half_t)(y1 >> 16));
-            acc0 = fmaf(x0l, y0l, fmaf(x0h, y0h, acc0));
-            acc1 = fmaf(x0l, y1l, fmaf(x0h, y1h, acc1));
-            acc2 = fmaf(x1l, y0l, fmaf(x1h, y0h, acc2));
-            acc3 = fmaf(x1l, y1l, fmaf(x1h, y1h, acc3));
-        }
-#endif
         int j0 = n0 + 2 * t, j1 = j0 + 1;
-        if (j0 < r1) { take(best0, bi0, acc0, j0); take(best1, bi1, acc2, j0); }
-        if (j1 < r1) { take(best0, bi0, acc1, j1); take(best1, bi1, acc3, j1); }
+        if (j0 < blk.r1) { take(best0, bi0, acc0, j0); take(best1, bi1, acc2, j0); }
+        if (j1 < blk.r1) { take(best0, bi0, acc1, j1); take(best1, bi1, acc3, j1); }
     }
     for (int o = 1; o < 4; o <<= 1) {
         float ob0 = __shfl_xor_sync(0xffffffffu, best0, o), ob1 = __shfl_xor_sync(0xffffffffu, best1, o);
@@ -118,13 +136,8 @@ extern "C" __global__ void __launch_bounds__(NN_WARPS * 32) nn_search(
         s_best[warp][g] = best0; s_idx[warp][g] = bi0;
         s_best[warp][g + 8] = best1; s_idx[warp][g + 8] = bi1;
     }
-    __syncthreads();
-    if (tid < NN_BM && q0 + tid < n) {
-        float b = NEG_INF; int bi = 0x7fffffff;
-        for (int w = 0; w < NN_WARPS; ++w) take(b, bi, s_best[w][tid], s_idx[w][tid]);
-        part_best[(size_t)blockIdx.y * n + q0 + tid] = b;
-        part_idx[(size_t)blockIdx.y * n + q0 + tid] = bi;
-    }
+    nn_block_write(blk, n, s_best, s_idx);
+#endif
 }
 
 // spec §3.3 on Volta-class tensor cores (Xavier, sm_72: no mma.sync m16n8k16 there): the same
@@ -132,7 +145,7 @@ extern "C" __global__ void __launch_bounds__(NN_WARPS * 32) nn_search(
 // no CUDA header). WMMA's accumulator layout is opaque, so each warp stores its 16 × 16 tile of
 // similarities to shared memory and reads it back for the argmax. Bank buffers are padded to a
 // multiple of 16 rows (zeros) so that a tile never reads past them; rows past m are not taken.
-// Runs on every architecture from sm_70 (tests run it on newer GPUs too).
+// Runs on every architecture from sm_70 (tests run it on newer GPUs too); nn_search is sm_80+.
 extern "C" __global__ void __launch_bounds__(NN_WARPS * 32) nn_search_wmma(
     const half_t* __restrict__ q_unit, const NnLevels lv, int n, int c,
     float* __restrict__ part_best, int* __restrict__ part_idx) {
@@ -140,21 +153,11 @@ extern "C" __global__ void __launch_bounds__(NN_WARPS * 32) nn_search_wmma(
     __shared__ __align__(32) float s_tile[NN_WARPS][16 * 16];
     __shared__ float s_best[NN_WARPS][NN_BM];
     __shared__ int s_idx[NN_WARPS][NN_BM];
-    const int level = blockIdx.z;
-    if ((int)blockIdx.y >= lv.splits[level]) return;
-    const half_t* __restrict__ bank_unit = lv.unit[level];
-    const int m = lv.m[level], chunk = lv.chunk[level];
-    q_unit += (size_t)level * n * c;
-    part_best += (size_t)level * NN_MAX_SPLITS * n;
-    part_idx += (size_t)level * NN_MAX_SPLITS * n;
-    const int q0 = blockIdx.x * NN_BM, tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-    const int r0 = blockIdx.y * chunk, r1 = min(m, r0 + chunk);
-    const int c2 = c >> 1;
-    for (int i = tid; i < NN_BM * c2; i += blockDim.x) {
-        int row = i / c2;
-        sq[i] = (q0 + row < n) ? ((const u32*)q_unit)[(size_t)(q0 + row) * c2 + (i - row * c2)] : 0u;
-    }
-    __syncthreads();
+    NnBlock blk;
+    if (!nn_block(q_unit, lv, n, c, part_best, part_idx, sq, blk)) return;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const half_t* __restrict__ bank_unit = blk.bank_unit;
+    const int r0 = blk.r0, r1 = blk.r1;
     // Lane l scans query row l & 15, tile columns 8·(l >> 4) … +7.
     const int my_row = lane & 15, col0 = (lane >> 4) * 8;
     float best = NEG_INF;
@@ -195,13 +198,7 @@ extern "C" __global__ void __launch_bounds__(NN_WARPS * 32) nn_search_wmma(
         take(best, bi, ob, oi);
     }
     if (lane < 16) { s_best[warp][lane] = best; s_idx[warp][lane] = bi; }
-    __syncthreads();
-    if (tid < NN_BM && q0 + tid < n) {
-        float b = NEG_INF; int bj = 0x7fffffff;
-        for (int w = 0; w < NN_WARPS; ++w) take(b, bj, s_best[w][tid], s_idx[w][tid]);
-        part_best[(size_t)blockIdx.y * n + q0 + tid] = b;
-        part_idx[(size_t)blockIdx.y * n + q0 + tid] = bj;
-    }
+    nn_block_write(blk, n, s_best, s_idx);
 }
 
 // spec §3.3, the merge: per query (one warp; queries of all levels, level-major) the best of its
