@@ -9,9 +9,29 @@
 #     and kernel headers (bindgen) and runtime (qemu's loader root), qemu-user,
 #   - the crates (cargo fetch).
 # Idempotent: a second run only checks.
+#
+# `tools/setup.sh --build-only` installs only what building edge-ad needs beyond rustup's cargo
+# (a C compiler, and libclang for bindgen's V4L2 bindings): the README's first command runs it
+# before `cargo run … demo`, so the demo builds on a fresh Debian machine.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
+
+if [ "${1:-}" = "--build-only" ]; then
+  need=()
+  command -v cc >/dev/null || need+=(gcc)
+  ls /usr/lib/*/libclang-[0-9]*.so* /usr/lib/llvm-*/lib/libclang.so* >/dev/null 2>&1 || need+=(libclang-dev)
+  if [ ${#need[@]} -gt 0 ]; then
+    echo "setup: apt-get install ${need[*]} (building edge-ad needs them)"
+    sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo=sudo
+    export DEBIAN_FRONTEND=noninteractive
+    $sudo apt-get update -qq && $sudo apt-get install -y -qq "${need[@]}"
+  fi
+  command -v cargo >/dev/null || { echo "setup: cargo not found (install Rust with rustup)" >&2; exit 1; }
+  echo "setup: build dependencies present"
+  exit 0
+fi
 
 need_apt=()
 command -v python3 >/dev/null || need_apt+=(python3)

@@ -12,9 +12,13 @@
 //! | 32 | SHA-256 of every byte before it |
 //!
 //! The checksum covers header and payload, so a flipped bit anywhere is detected; a short file is
-//! reported as truncated with both lengths. Writes go to a temporary file in the target folder,
-//! are fsynced, then renamed over the target: a power cut leaves the old bank or the new one,
-//! never half of one.
+//! reported as truncated with both lengths. A file whose checksum holds may still have been edited
+//! by hand (checksum recomputed) or written by a buggy build, so every field is validated too: the
+//! reader never panics and never allocates for a size the input does not hold, whatever the bytes.
+//!
+//! Writes go to a temporary file `.{name}.tmp-<pid>` in the target folder, are fsynced, then
+//! renamed over the target: a power cut leaves the old bank or the new one, never half of one.
+//! Temporary files of writers that died before the rename are removed by the next write.
 
 use edge_ad_kernels::BankDtype;
 use half::f16;
@@ -45,7 +49,8 @@ pub enum BankFileError {
         /// The OS error.
         source: std::io::Error,
     },
-    /// Not a bank file, or a version this build cannot read.
+    /// Not a bank file, a version this build cannot read, or an invalid field (the message names
+    /// the field and its value).
     #[error("{}: {message}", path.display())]
     Format {
         /// The file.
@@ -209,8 +214,309 @@ impl BankHeader {
     }
 }
 
+/// Largest alignment grid a bank may declare. Calibration uses 5; a pool histogram holds
+/// grid⁴ · clusters bins, so at 64 one image's histogram already has 16.7 M bins.
+pub const MAX_GRID: usize = 64;
+
+/// A byte count as people read it (decimal units): `36 B`, `1.2 MB`, `6.6 TB`.
+fn human(n: u64) -> String {
+    const UNITS: [&str; 6] = ["kB", "MB", "GB", "TB", "PB", "EB"];
+    if n < 1000 {
+        return format!("{n} B");
+    }
+    let mut v = n as f64 / 1000.0;
+    let mut unit = 0;
+    while v >= 999.95 && unit + 1 < UNITS.len() {
+        v /= 1000.0;
+        unit += 1;
+    }
+    format!("{v:.1} {}", UNITS[unit])
+}
+
+/// `bytes.len()` as u64 (lossless: no Rust target has a wider usize).
+fn len64(bytes: &[u8]) -> u64 {
+    u64::try_from(bytes.len()).unwrap_or(u64::MAX)
+}
+
+fn le_u32(b: Option<&[u8]>) -> Option<u32> {
+    Some(u32::from_le_bytes(b?.try_into().ok()?))
+}
+
+fn le_u64(b: Option<&[u8]>) -> Option<u64> {
+    Some(u64::from_le_bytes(b?.try_into().ok()?))
+}
+
+/// Byte length of bank level `i` (1-based) from its header fields. Refuses unknown dtypes, empty
+/// shapes and products that overflow: these fields come from the file and are not trusted.
+fn level_bytes(i: usize, l: &LevelInfo) -> Result<u64, String> {
+    let width: u64 = match l.dtype.as_str() {
+        "f16" => 2,
+        "f32" => 4,
+        other => {
+            return Err(format!(
+                "level {i} dtype = `{other}` is unknown (f16 or f32)"
+            ))
+        }
+    };
+    if l.rows == 0 || l.channels == 0 {
+        return Err(format!(
+            "level {i} rows = {} × channels = {}: a level holds at least one value",
+            l.rows, l.channels
+        ));
+    }
+    u64::try_from(l.rows)
+        .ok()
+        .zip(u64::try_from(l.channels).ok())
+        .and_then(|(r, c)| r.checked_mul(c)?.checked_mul(width))
+        .ok_or_else(|| {
+            format!(
+                "level {i} rows = {} × channels = {} × {width} bytes ({}) overflows 64 bits",
+                l.rows, l.channels, l.dtype
+            )
+        })
+}
+
+/// Byte length of every level's data, each checked against what is still left of the `left` bytes
+/// between header and checksum before anything is read or allocated.
+fn layout(levels: &[LevelInfo], left: u64) -> Result<Vec<usize>, String> {
+    let mut rest = left;
+    let mut out = Vec::with_capacity(levels.len());
+    for (i, l) in levels.iter().enumerate() {
+        let n = level_bytes(i + 1, l)?;
+        if n > rest {
+            return Err(format!(
+                "level {} rows = {} × channels = {} ({}) needs {} but the file has {} left",
+                i + 1,
+                l.rows,
+                l.channels,
+                l.dtype,
+                human(n),
+                human(rest)
+            ));
+        }
+        rest -= n;
+        out.push(usize::try_from(n).map_err(|_| format!("level {} is {n} bytes", i + 1))?);
+    }
+    if rest != 0 {
+        return Err(format!(
+            "the levels' data is {} bytes but the file holds {left} between header and checksum",
+            left - rest
+        ));
+    }
+    Ok(out)
+}
+
+/// File length the header implies, when its sizes are known and do not overflow (a cut file is
+/// reported with it).
+fn implied_len(hend: u64, levels: &[LevelInfo]) -> Option<u64> {
+    levels
+        .iter()
+        .enumerate()
+        .try_fold(hend.checked_add(CHECKSUM as u64)?, |acc, (i, l)| {
+            acc.checked_add(level_bytes(i + 1, l).ok()?)
+        })
+}
+
+/// Refuse a NaN or infinite feature: every distance to it is NaN or infinite, and a bank of them
+/// scored every part `-inf` and passed it.
+fn check_finite(i: usize, info: &LevelInfo, data: &LevelData) -> Result<(), String> {
+    let bad = match data {
+        LevelData::F16(v) => v
+            .iter()
+            .enumerate()
+            .find(|(_, x)| !x.is_finite())
+            .map(|(p, x)| (p, x.to_f32())),
+        LevelData::F32(v) => v
+            .iter()
+            .enumerate()
+            .find(|(_, x)| !x.is_finite())
+            .map(|(p, &x)| (p, x)),
+    };
+    match bad {
+        Some((p, x)) => {
+            let c = info.channels.max(1);
+            Err(format!(
+                "level {i} row {} channel {}: non-finite feature value {x}",
+                p / c,
+                p % c
+            ))
+        }
+        None => Ok(()),
+    }
+}
+
+/// Refuse a threshold with a non-finite number: a NaN threshold passes nothing and an infinite
+/// one passes everything.
+fn check_threshold(t: &Threshold) -> Result<(), String> {
+    use crate::threshold::ThresholdRule as R;
+    let mut fields = vec![
+        ("value", t.value),
+        ("normal_min", t.normal_min),
+        ("normal_max", t.normal_max),
+        ("normal_mean", t.normal_mean),
+        ("normal_std", t.normal_std),
+        match t.rule {
+            R::MaxTimesMargin { margin } => ("rule.margin", margin),
+            R::MeanPlusKSigma { k } => ("rule.k", k),
+            R::Quantile { false_reject } => ("rule.false_reject", false_reject),
+        },
+    ];
+    if let Some(d) = &t.defects {
+        fields.extend([
+            ("defects.min", d.min),
+            ("defects.max", d.max),
+            ("defects.gap", d.gap),
+            ("defects.separation", d.separation),
+        ]);
+    }
+    match fields.into_iter().find(|(_, v)| !v.is_finite()) {
+        Some((name, v)) => Err(format!("threshold.{name} = {v} is non-finite")),
+        None => Ok(()),
+    }
+}
+
+/// Refuse an aligned pool inspection could not use without indexing out of range, dividing by
+/// zero or allocating what the file does not hold: every count, length and index is checked
+/// against the others and against the level data.
+fn check_aligned(p: &AlignedPool, h: &BankHeader) -> Result<(), String> {
+    let idx = &p.index;
+    let n = p.images.len();
+    if p.windows.len() != n || idx.histograms.len() != n {
+        return Err(format!(
+            "aligned: {n} images, {} window counts (aligned.windows) and {} histograms \
+             (aligned.index.histograms) must agree",
+            p.windows.len(),
+            idx.histograms.len()
+        ));
+    }
+    if p.k == 0 || p.k > n {
+        return Err(format!(
+            "aligned.k = {} must be 1..={n} (the pool's images)",
+            p.k
+        ));
+    }
+    if p.level == 0 {
+        return Err("aligned.level = 0: levels are 1-based".into());
+    }
+    if let Some(i) = p.windows.iter().position(|&w| w == 0) {
+        return Err(format!(
+            "aligned.windows[{i}] = 0: a pool image has at least one window"
+        ));
+    }
+    let total = p
+        .windows
+        .iter()
+        .try_fold(0usize, |a, &w| a.checked_add(w))
+        .ok_or("aligned.windows: the sum overflows")?;
+    // The level data is the whole pool: rows = windows × positions.
+    for (i, l) in h.levels.iter().enumerate() {
+        if l.rows % total != 0 {
+            return Err(format!(
+                "level {} rows = {} is not a multiple of the pool's {total} windows (aligned.windows)",
+                i + 1,
+                l.rows
+            ));
+        }
+    }
+    if idx.grid == 0 || idx.grid > MAX_GRID {
+        return Err(format!(
+            "aligned.index.grid = {} is outside 1..={MAX_GRID}",
+            idx.grid
+        ));
+    }
+    if idx.clusters == 0 || idx.channels == 0 {
+        return Err(format!(
+            "aligned.index.clusters = {} and aligned.index.channels = {} must both be at least 1",
+            idx.clusters, idx.channels
+        ));
+    }
+    // The alignment level's features are compared with the centres.
+    if let Some(l) = h
+        .scored_levels()
+        .iter()
+        .position(|&m| m == p.level)
+        .and_then(|i| h.levels.get(i))
+    {
+        if l.channels != idx.channels {
+            return Err(format!(
+                "aligned.index.channels = {} but level {} has {} channels",
+                idx.channels, p.level, l.channels
+            ));
+        }
+    }
+    let cells = idx.grid * idx.grid; // ≤ MAX_GRID²
+    let bins = cells.checked_mul(idx.clusters);
+    let want = |n: Option<usize>| n.map_or("more than 2^64".to_string(), |n| n.to_string());
+    let centres = bins.and_then(|b| b.checked_mul(idx.channels));
+    if centres != Some(idx.centres.len()) {
+        return Err(format!(
+            "aligned.index.centres has {} values; grid {}² × clusters {} × channels {} needs {}",
+            idx.centres.len(),
+            idx.grid,
+            idx.clusters,
+            idx.channels,
+            want(centres)
+        ));
+    }
+    let hist = bins.and_then(|b| b.checked_mul(cells));
+    if let Some((i, v)) = idx
+        .histograms
+        .iter()
+        .enumerate()
+        .find(|(_, v)| Some(v.len()) != hist)
+    {
+        return Err(format!(
+            "aligned.index.histograms[{i}] has {} values; {cells} cells × {} bins needs {}",
+            v.len(),
+            want(bins),
+            want(hist)
+        ));
+    }
+    if !(idx.temperature.is_finite() && idx.temperature > 0.0) {
+        return Err(format!(
+            "aligned.index.temperature = {} must be finite and positive",
+            idx.temperature
+        ));
+    }
+    if let Some((j, v)) = idx.centres.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+        return Err(format!("aligned.index.centres[{j}] = {v} is non-finite"));
+    }
+    for (i, hg) in idx.histograms.iter().enumerate() {
+        if let Some((j, v)) = hg
+            .iter()
+            .enumerate()
+            .find(|(_, v)| !(v.is_finite() && **v >= 0.0))
+        {
+            return Err(format!(
+                "aligned.index.histograms[{i}][{j}] = {v} is non-finite or negative (a histogram \
+                 holds probabilities)"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Everything in the header but the level sizes: level numbering, threshold, aligned pool.
+fn check_header(h: &BankHeader) -> Result<(), String> {
+    if h.levels.is_empty() {
+        return Err("header: no levels: a bank scores at least one".into());
+    }
+    let levels = h.scored_levels();
+    if levels.contains(&0) || levels.windows(2).any(|w| w[0] >= w[1]) {
+        return Err(format!(
+            "header: levels {levels:?} must be 1-based and strictly increasing"
+        ));
+    }
+    check_threshold(&h.threshold)?;
+    if let Some(p) = &h.aligned {
+        check_aligned(p, h)?;
+    }
+    Ok(())
+}
+
 impl BankFile {
-    /// Serialise to bytes (with checksum).
+    /// Serialise to bytes (with checksum). Refuses what [`BankFile::from_bytes`] would refuse, so a
+    /// bank that could not be loaded is never written.
     pub fn to_bytes(&self) -> Result<Vec<u8>, String> {
         if self.levels.len() != self.header.levels.len() {
             return Err(format!(
@@ -220,18 +526,23 @@ impl BankFile {
             ));
         }
         for (i, (d, info)) in self.levels.iter().zip(&self.header.levels).enumerate() {
-            if d.len() != info.rows * info.channels || d.dtype().name() != info.dtype {
+            level_bytes(i + 1, info)?;
+            if info.rows.checked_mul(info.channels) != Some(d.len())
+                || d.dtype().name() != info.dtype
+            {
                 return Err(format!(
                     "level {}: data does not match header {info:?}",
                     i + 1
                 ));
             }
+            check_finite(i + 1, info, d)?;
         }
+        check_header(&self.header)?;
         let header = serde_json::to_vec(&self.header).map_err(|e| e.to_string())?;
         let mut out = Vec::with_capacity(PREFIX + header.len() + CHECKSUM);
         out.extend_from_slice(MAGIC);
         out.extend_from_slice(&VERSION.to_le_bytes());
-        out.extend_from_slice(&(header.len() as u64).to_le_bytes());
+        out.extend_from_slice(&len64(&header).to_le_bytes());
         out.extend_from_slice(&header);
         for d in &self.levels {
             match d {
@@ -249,102 +560,101 @@ impl BankFile {
     }
 
     /// Parse bytes read from `path` (used in messages only).
+    ///
+    /// Nothing in the file is trusted before it is checked: every size is compared with the bytes
+    /// actually left before anything is read or allocated, all arithmetic on file fields is
+    /// checked, every header field is validated (see [`BankFileError::Format`] messages, which
+    /// name the field and its value) and NaN or infinite features are refused. No input panics.
     pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<Self, BankFileError> {
         let fmt = |message: String| BankFileError::Format {
             path: path.into(),
             message,
         };
-        if bytes.len() < 8 || &bytes[..8] != MAGIC {
+        let found = len64(bytes);
+        if bytes.get(..8) != Some(MAGIC.as_slice()) {
             return Err(fmt("not an edge-ad bank file (bad magic)".into()));
         }
-        if bytes.len() < PREFIX {
+        let (Some(version), Some(hlen)) = (le_u32(bytes.get(8..12)), le_u64(bytes.get(12..20)))
+        else {
             return Err(BankFileError::Truncated {
                 path: path.into(),
                 expected: PREFIX as u64,
-                found: bytes.len() as u64,
+                found,
             });
-        }
-        let version = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
+        };
         if version != VERSION {
             return Err(fmt(format!(
                 "bank format version {version}; this edge-ad reads version {VERSION}"
             )));
         }
-        let hlen = u64::from_le_bytes(bytes[12..20].try_into().expect("8 bytes"));
         if hlen > MAX_HEADER {
             return Err(fmt(format!(
                 "header length {hlen} is implausible (corrupted file)"
             )));
         }
+        // No overflow: hlen ≤ MAX_HEADER.
         let hend = PREFIX as u64 + hlen;
-        if (bytes.len() as u64) < hend + CHECKSUM as u64 {
+        if found < hend + CHECKSUM as u64 {
             return Err(BankFileError::Truncated {
                 path: path.into(),
                 expected: hend + CHECKSUM as u64,
-                found: bytes.len() as u64,
+                found,
             });
         }
-        let header_bytes = &bytes[PREFIX..hend as usize];
-        // The checksum is checked before the header is trusted for anything but lengths.
+        // In range: PREFIX ≤ hend ≤ bytes.len() − CHECKSUM.
+        let (body, sum) = bytes.split_at(bytes.len() - CHECKSUM);
+        let hend_at = usize::try_from(hend).unwrap_or(usize::MAX);
+        let (Some(header_bytes), Some(payload)) = (body.get(PREFIX..hend_at), body.get(hend_at..))
+        else {
+            return Err(fmt(format!("header length {hlen} exceeds the file")));
+        };
         let header: Result<BankHeader, _> = serde_json::from_slice(header_bytes);
-        let expected_len = header.as_ref().ok().map(|h| {
-            hend + h
-                .levels
-                .iter()
-                .map(|l| (l.rows * l.channels * if l.dtype == "f16" { 2 } else { 4 }) as u64)
-                .sum::<u64>()
-                + CHECKSUM as u64
-        });
-        if let Some(expected) = expected_len {
-            if (bytes.len() as u64) < expected {
-                return Err(BankFileError::Truncated {
-                    path: path.into(),
-                    expected,
-                    found: bytes.len() as u64,
-                });
+        if Sha256::digest(body).as_slice() != sum {
+            // A cut file keeps its header: report the length it should have.
+            if let Some(expected) = header
+                .as_ref()
+                .ok()
+                .and_then(|h| implied_len(hend, &h.levels))
+            {
+                if found < expected {
+                    return Err(BankFileError::Truncated {
+                        path: path.into(),
+                        expected,
+                        found,
+                    });
+                }
             }
-        }
-        let body = &bytes[..bytes.len() - CHECKSUM];
-        if Sha256::digest(body).as_slice() != &bytes[bytes.len() - CHECKSUM..] {
             return Err(BankFileError::Checksum { path: path.into() });
         }
+        // The checksum holds: from here on a refusal is a bank written wrong or edited by hand.
         let header = header.map_err(|e| fmt(format!("header: {e}")))?;
-        let levels = header.scored_levels();
-        if levels.contains(&0) || levels.windows(2).any(|w| w[0] >= w[1]) {
-            return Err(fmt(format!(
-                "header: levels {levels:?} must be 1-based and strictly increasing"
-            )));
-        }
-        if expected_len != Some(bytes.len() as u64) {
-            return Err(fmt(format!(
-                "{} bytes, header implies {:?}",
-                bytes.len(),
-                expected_len
-            )));
-        }
-        let mut off = hend as usize;
-        let mut levels = Vec::with_capacity(header.levels.len());
-        for (i, l) in header.levels.iter().enumerate() {
-            let n = l.rows * l.channels;
-            levels.push(match l.dtype.as_str() {
-                "f16" => {
-                    let v = bytes[off..off + 2 * n]
+        let sizes = layout(&header.levels, len64(payload)).map_err(fmt)?;
+        check_header(&header).map_err(fmt)?;
+        let mut rest = payload;
+        let mut levels = Vec::with_capacity(sizes.len());
+        for (i, (l, n)) in header.levels.iter().zip(sizes).enumerate() {
+            // `layout` checked that the sizes add up to the payload.
+            let Some((chunk, tail)) = rest.split_at_checked(n) else {
+                return Err(fmt(format!("level {}: {n} bytes exceed the file", i + 1)));
+            };
+            rest = tail;
+            let data = match l.dtype.as_str() {
+                "f16" => LevelData::F16(
+                    chunk
                         .chunks_exact(2)
                         .map(|b| f16::from_le_bytes([b[0], b[1]]))
-                        .collect();
-                    off += 2 * n;
-                    LevelData::F16(v)
-                }
-                "f32" => {
-                    let v = bytes[off..off + 4 * n]
+                        .collect(),
+                ),
+                "f32" => LevelData::F32(
+                    chunk
                         .chunks_exact(4)
                         .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                        .collect();
-                    off += 4 * n;
-                    LevelData::F32(v)
-                }
+                        .collect(),
+                ),
                 other => return Err(fmt(format!("level {}: unknown dtype `{other}`", i + 1))),
-            });
+            };
+            check_finite(i + 1, l, &data).map_err(fmt)?;
+            levels.push(data);
         }
         Ok(Self { header, levels })
     }
@@ -402,7 +712,45 @@ impl BankFile {
     }
 }
 
-/// Write `bytes` to `path` so that readers see the old file or the new one, never a mix.
+/// Remove temporary files of `name` in `dir` left by writers killed between the write and the
+/// rename (kill -9, power cut): `.{name}.tmp-<pid>` whose process no longer exists. Nothing else
+/// would ever remove them, and each is a whole bank.
+///
+/// Liveness is the existence of `/proc/<pid>`; without `/proc` nothing is removed. Our own pid is
+/// skipped: that name is the one we are about to write, and another thread of ours may be using
+/// it. A reused pid keeps a stale file until that process ends (harmless). A writer in another pid
+/// namespace sharing the folder looks dead; removing its file makes its rename fail with an error,
+/// it never publishes a partial bank. Best effort: failures are ignored.
+fn remove_stale_temps(dir: &Path, name: &str) {
+    let proc = Path::new("/proc");
+    if !proc.join("self").exists() {
+        return;
+    }
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let prefix = format!(".{name}.tmp-");
+    let own = std::process::id();
+    for entry in entries.flatten() {
+        let file_name = entry.file_name();
+        let Some(pid) = file_name
+            .to_str()
+            .and_then(|n| n.strip_prefix(&prefix))
+            .filter(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let is_file = entry.file_type().is_ok_and(|t| t.is_file());
+        if is_file && pid != own && !proc.join(pid.to_string()).exists() {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
+/// Write `bytes` to `path` so that readers see the old file or the new one, never a mix. Stale
+/// temporary files of the same target left by dead writers are removed first
+/// (see `remove_stale_temps`).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), BankFileError> {
     let io = |source| BankFileError::Io {
         path: path.into(),
@@ -422,6 +770,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), BankFileError> {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
+    remove_stale_temps(&dir, &name);
     let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
     let result = (|| {
         let mut f = std::fs::File::create(&tmp)?;
@@ -574,5 +923,63 @@ mod tests {
         let e = sample().save(&p).unwrap_err().to_string();
         assert!(e.contains("nope") && e.contains("does not exist"), "{e}");
         assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn a_save_removes_temporary_files_of_dead_writers_only() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("bank.eab");
+        // Above any pid_max (at most 2^22 on Linux): no process can have it.
+        let dead = d.path().join(format!(".bank.eab.tmp-{}", 0x7fff_fff0u32));
+        // A live process other than us (whose own name the save reuses and renames away).
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let live = d.path().join(format!(".bank.eab.tmp-{}", child.id()));
+        let other_target = d.path().join(format!(".other.eab.tmp-{}", 0x7fff_fff0u32));
+        let not_a_pid = d.path().join(".bank.eab.tmp-12x");
+        for f in [&dead, &live, &other_target, &not_a_pid] {
+            std::fs::write(f, b"half a bank").unwrap();
+        }
+        sample().save(&p).unwrap();
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(
+            !dead.exists(),
+            "stale temporary file of a dead pid left behind"
+        );
+        for f in [&live, &other_target, &not_a_pid] {
+            assert_eq!(std::fs::read(f).unwrap(), b"half a bank", "{}", f.display());
+        }
+        assert_eq!(BankFile::load(&p).unwrap(), sample());
+        assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 4);
+    }
+
+    #[test]
+    fn sizes_are_shown_in_decimal_units() {
+        assert_eq!(human(36), "36 B");
+        assert_eq!(human(1_234_567), "1.2 MB");
+        assert_eq!(human(4_294_967_295 * 768 * 2), "6.6 TB");
+        assert_eq!(human(u64::MAX), "18.4 EB");
+    }
+
+    #[test]
+    fn the_writer_refuses_what_the_reader_would_refuse() {
+        let mut b = sample();
+        b.levels[1] = LevelData::F32(vec![0.0, 1.0, f32::NAN, 3.0, 4.0, 5.0]);
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("bank.eab");
+        let e = b.save(&p).unwrap_err().to_string();
+        assert!(
+            e.contains("bank.eab")
+                && e.contains("level 2 row 0 channel 2: non-finite feature value NaN"),
+            "{e}"
+        );
+        assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 0);
+        let mut b = sample();
+        b.header.threshold.value = f64::INFINITY;
+        let e = b.to_bytes().unwrap_err();
+        assert_eq!(e, "threshold.value = inf is non-finite");
     }
 }

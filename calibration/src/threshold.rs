@@ -197,16 +197,20 @@ impl Threshold {
             min: dmin,
             max: dmax,
             gap,
-            separation: gap / (t.normal_std + dstd).max(f64::MIN_POSITIVE),
+            // Clamped: with no spread (one image per class) the ratio overflows, and JSON
+            // cannot hold an infinity: the bank would be written with `null` and not load.
+            separation: (gap / (t.normal_std + dstd).max(f64::MIN_POSITIVE))
+                .clamp(-f64::MAX, f64::MAX),
             false_rejects: normal.iter().filter(|&&s| t.rejects(s)).count(),
             misses: defects.iter().filter(|&&s| !t.rejects(s)).count(),
         });
         Ok(t)
     }
 
-    /// True when `score` is rejected (NG). NaN is rejected: a part is never passed in doubt.
+    /// True when `score` is rejected (NG). The one verdict rule of every command: a score that
+    /// is not finite (NaN, ±inf: a broken bank or frame) is rejected, never passed in doubt.
     pub fn rejects(&self, score: f64) -> bool {
-        score.is_nan() || score > self.value
+        !score.is_finite() || score > self.value
     }
 }
 
@@ -220,6 +224,8 @@ mod tests {
         let t = Threshold::from_scores(&s, ThresholdRule::MaxTimesMargin { margin: 1.1 }).unwrap();
         assert!((t.value - 3.3).abs() < 1e-12);
         assert!(!t.rejects(3.3) && t.rejects(3.31) && t.rejects(f64::NAN));
+        // H4: −inf used to pass as OK (below every threshold).
+        assert!(t.rejects(f64::NEG_INFINITY) && t.rejects(f64::INFINITY));
         let t = Threshold::from_scores(&s, ThresholdRule::MeanPlusKSigma { k: 3.0 }).unwrap();
         assert!((t.value - (2.0 + 3.0 * (2.0f64 / 3.0).sqrt())).abs() < 1e-12);
         assert_eq!((t.normal_min, t.normal_max, t.normal_count), (1.0, 3.0, 3));
@@ -286,5 +292,15 @@ mod tests {
         assert!(
             Threshold::from_scores(&[1.0], ThresholdRule::MaxTimesMargin { margin: 0.5 }).is_err()
         );
+    }
+
+    #[test]
+    fn separation_without_spread_stays_finite_and_survives_json() {
+        // One image per class: no spread, the ratio overflowed to infinity (written as `null`).
+        let t = Threshold::between(&[1.0], &[10.0], ThresholdRule::default()).unwrap();
+        let d = t.defects.as_ref().unwrap();
+        assert_eq!((d.gap, d.separation), (9.0, f64::MAX));
+        let back: Threshold = serde_json::from_str(&serde_json::to_string(&t).unwrap()).unwrap();
+        assert_eq!(back, t);
     }
 }

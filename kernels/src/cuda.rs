@@ -24,7 +24,9 @@ macro_rules! params {
 }
 
 mod frame;
+pub mod symbols;
 pub use frame::{GpuFrame, GpuProjector, GpuTimings};
+pub use symbols::{CudaLib, ENTRY_POINTS};
 
 /// The CUDA C source of every kernel.
 pub const SOURCE: &str = include_str!("cuda/kernels.cu");
@@ -99,6 +101,19 @@ pub enum CudaError {
     /// Inputs of mismatched or unsupported shapes.
     #[error("{0}")]
     Shape(String),
+    /// A loaded CUDA library lacks an entry point edge-ad calls (an older CUDA than the 12.2 API
+    /// cudarc is built for, e.g. JetPack 5's 11.4): cudarc would panic at the call, so the path
+    /// that needs it is refused before any call.
+    #[error("{library} lacks `{symbol}`, which edge-ad's GPU path calls (older CUDA than 12.2?)")]
+    MissingSymbol {
+        /// The library as loaded, e.g. `/usr/lib/aarch64-linux-gnu/tegra/libcuda.so.1.1`.
+        library: String,
+        /// The entry point it lacks, e.g. `cuMemAllocAsync`.
+        symbol: String,
+    },
+    /// A cudarc call panicked anyway (caught while opening the GPU, so `auto` still falls back).
+    #[error("a CUDA library call panicked: {0}")]
+    Panicked(String),
 }
 
 fn drv(e: cudarc::driver::DriverError) -> CudaError {
@@ -118,10 +133,15 @@ pub fn driver_available() -> bool {
 }
 
 /// Real architectures the loaded NVRTC can compile for, e.g. `["sm_75", …, "sm_90"]`
-/// (CUDA 13's NVRTC no longer targets Xavier's sm_72; CUDA 12's does).
+/// (CUDA 13's NVRTC no longer targets Xavier's sm_72; CUDA 12's does); none where NVRTC is
+/// absent or lacks an entry point edge-ad calls.
 pub fn nvrtc_supported_archs() -> Vec<String> {
     use cudarc::nvrtc::sys as n;
     if !nvrtc_available() {
+        return Vec::new();
+    }
+    if let Err(e) = symbols::check(CudaLib::Nvrtc) {
+        log::warn!("{e}");
         return Vec::new();
     }
     // SAFETY: NVRTC C API; the buffer is sized by nvrtcGetNumSupportedArchs.
@@ -171,6 +191,7 @@ pub fn compile(arch: &str) -> Result<Compiled, CudaError> {
             dir: cache_dir(),
         });
     }
+    symbols::check(CudaLib::Nvrtc)?;
     let src = CString::new(SOURCE).expect("no NUL in the source");
     let name = CString::new("edge_ad_kernels.cu").expect("static name");
     let opts: Vec<CString> = [
@@ -370,7 +391,8 @@ kernels! {
 /// product allocates device memory per frame.
 const CUBLAS_WORKSPACE: usize = 32 << 20;
 
-/// cuBLAS with its own workspace; absent where `libcublas` cannot be loaded.
+/// cuBLAS with its own workspace; absent where `libcublas` cannot be loaded or lacks an entry
+/// point edge-ad calls.
 struct Blas {
     handle: cudarc::cublas::CudaBlas,
     _workspace: CudaSlice<u8>,
@@ -387,6 +409,8 @@ pub struct Gpu {
     /// The residual search runs the WMMA kernel (before sm_80, or forced for tests).
     wmma_search: bool,
     blas: Option<Blas>,
+    /// Why `blas` is absent although `libcublas` loads: (library, missing entry point).
+    blas_missing: Option<(String, String)>,
     /// Device allocations made through this handle (the zero-allocation test reads it).
     allocations: AtomicUsize,
 }
@@ -468,10 +492,25 @@ impl Gpu {
     }
 
     /// As [`Gpu::new`] with an explicit cubin folder.
+    ///
+    /// Every driver entry point the GPU path calls is checked first ([`symbols::check`]), so an
+    /// old driver is an error, not cudarc's panic; a panic that escapes anyway is caught here and
+    /// returned as an error too, so `--device auto` always gets to fall back.
     pub fn with_cache(dir: &Path) -> Result<Self, CudaError> {
         if !driver_available() {
             return Err(CudaError::NoDriver);
         }
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Self::open(dir))).unwrap_or_else(
+            |payload| {
+                let e = symbols::from_panic(payload);
+                log::warn!("opening the GPU panicked, caught: {e}");
+                Err(e)
+            },
+        )
+    }
+
+    fn open(dir: &Path) -> Result<Self, CudaError> {
+        symbols::check(CudaLib::Driver)?;
         let ctx = CudaContext::new(0).map_err(drv)?;
         let (major, minor) = ctx.compute_capability().map_err(drv)?;
         let arch = format!("sm_{major}{minor}");
@@ -489,15 +528,33 @@ impl Gpu {
             tensor_cores: major >= 8,
             wmma_search: major < 8,
             blas: None,
+            blas_missing: None,
             allocations: AtomicUsize::new(0),
         };
-        // SAFETY: only probes whether the shared library can be opened.
-        if unsafe { cudarc::cublas::sys::is_culib_present() } {
-            gpu.blas = Some(gpu.open_blas()?);
-        } else {
+        if !CudaLib::Cublas.present() {
             log::info!("cuBLAS not found: a projector, if any, stays on the CPU");
+        } else if let Err(e) = symbols::check(CudaLib::Cublas) {
+            // The kernels need no cuBLAS; only the projector's products do, and they say why.
+            log::warn!("{e}: a projector, if any, stays on the CPU");
+            if let CudaError::MissingSymbol { library, symbol } = e {
+                gpu.blas_missing = Some((library, symbol));
+            }
+        } else {
+            gpu.blas = Some(gpu.open_blas()?);
         }
         Ok(gpu)
+    }
+
+    /// cuBLAS, or why the projector's products cannot run on this GPU.
+    fn blas(&self) -> Result<&Blas, CudaError> {
+        match (&self.blas, &self.blas_missing) {
+            (Some(b), _) => Ok(b),
+            (None, Some((library, symbol))) => Err(CudaError::MissingSymbol {
+                library: library.clone(),
+                symbol: symbol.clone(),
+            }),
+            (None, None) => Err(CudaError::NoCublas),
+        }
     }
 
     fn open_blas(&self) -> Result<Blas, CudaError> {
@@ -746,7 +803,7 @@ impl Gpu {
         c: u64,
     ) -> Result<(), CudaError> {
         use cudarc::cublas::sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
-        let blas = self.blas.as_ref().ok_or(CudaError::NoCublas)?;
+        let blas = self.blas()?;
         let one = 1.0f32;
         cudarc::cublas::result::sgemm(
             *blas.handle.handle(),
@@ -782,7 +839,7 @@ impl Gpu {
             cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T},
             cudaDataType_t::CUDA_R_16F,
         };
-        let blas = self.blas.as_ref().ok_or(CudaError::NoCublas)?;
+        let blas = self.blas()?;
         let fill = |len: usize, step: usize| -> Vec<u16> {
             (0..len)
                 .map(|i| half::f16::from_f32(((i * step) % 17) as f32 * 0.01).to_bits())

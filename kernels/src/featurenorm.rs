@@ -291,7 +291,14 @@ impl FeatureNorm {
             Par::Single => map.chunks_mut(self.out.1).enumerate().for_each(assemble),
         }
         self.smooth(map, &mut ws.smooth, par);
-        Ok(map.iter().copied().fold(f32::NEG_INFINITY, f32::max))
+        // NaN propagates (f32::max would skip it): a map with a NaN is not a score.
+        Ok(map.iter().copied().fold(f32::NEG_INFINITY, |m, v| {
+            if m.is_nan() || v.is_nan() {
+                f32::NAN
+            } else {
+                m.max(v)
+            }
+        }))
     }
 }
 

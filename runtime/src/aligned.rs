@@ -6,7 +6,7 @@
 use crate::error::{Error, Result};
 use crate::model::ModelDescription;
 use crate::pipeline::{Bank, FrameFeatures};
-use edge_ad_calibration::aligned::CellFeatures;
+use edge_ad_calibration::aligned::{AlignmentIndex, CellFeatures};
 use edge_ad_calibration::bankfile::AlignedPool;
 use edge_ad_calibration::LevelData;
 use edge_ad_kernels::LevelBank;
@@ -45,6 +45,25 @@ pub fn cell_features(
     CellFeatures { cells }
 }
 
+/// The per-frame reference choice (spec §7.1), one function for `calibrate`, `eval` and
+/// inspection: the frame's cell features at 0-based `level` binned by the index, then the `k`
+/// pool images nearest. `pool_image`: the frame is that pool image (scored leave-one-out), so
+/// its stored histogram is used and it is never its own reference.
+pub fn choose_references(
+    index: &AlignmentIndex,
+    desc: &ModelDescription,
+    frame: &FrameFeatures,
+    level: usize,
+    k: usize,
+    pool_image: Option<usize>,
+) -> Vec<usize> {
+    let h = match pool_image.and_then(|i| index.histograms.get(i)) {
+        Some(h) => h.clone(),
+        None => index.histogram(&cell_features(desc, frame, level, index.grid)),
+    };
+    index.nearest_to(&h, k, pool_image)
+}
+
 /// The pool of a semantic-aligned bank file, ready to build per-frame banks.
 #[derive(Debug, Clone)]
 pub struct AlignedBank {
@@ -68,11 +87,22 @@ impl AlignedBank {
     ) -> Result<Self> {
         let positions = desc.positions();
         let channels = desc.features.channels;
+        // The index bins this model's features: its centres must have the model's width (the
+        // bank reader can only check this when the alignment level is one of the bank's levels).
+        if pool.index.channels != channels {
+            return Err(Error::Invalid(format!(
+                "aligned pool: the alignment index has {} channels, the model's features {channels}",
+                pool.index.channels
+            )));
+        }
         let mut first_row = Vec::with_capacity(pool.windows.len());
-        let mut rows = 0;
+        let mut rows = 0usize;
         for w in &pool.windows {
             first_row.push(rows);
-            rows += w * positions;
+            rows = w
+                .checked_mul(positions)
+                .and_then(|n| rows.checked_add(n))
+                .ok_or_else(|| Error::Invalid("aligned pool: window counts overflow".into()))?;
         }
         if pool.images.len() != pool.windows.len()
             || pool.index.histograms.len() != pool.images.len()
@@ -137,8 +167,14 @@ impl AlignedBank {
         desc: &ModelDescription,
         frame: &FrameFeatures,
     ) -> Result<(Bank, Vec<usize>)> {
-        let cells = cell_features(desc, frame, self.pool.level - 1, self.pool.index.grid);
-        let chosen = self.pool.index.nearest(&cells, self.pool.k);
+        let chosen = choose_references(
+            &self.pool.index,
+            desc,
+            frame,
+            self.pool.level - 1,
+            self.pool.k,
+            None,
+        );
         let rows: usize = chosen
             .iter()
             .map(|&i| self.pool.windows[i] * self.positions)

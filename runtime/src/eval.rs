@@ -287,7 +287,7 @@ pub fn evaluate(
                         Some(index) => {
                             let desc = &pipeline.description().desc;
                             let chosen =
-                                index.nearest(&cell_features(desc, f, 0, index.grid), eo.refs);
+                                aligned::choose_references(index, desc, f, 0, eo.refs, None);
                             let frames: Vec<&FrameFeatures> =
                                 chosen.iter().map(|&i| &pool.frames[i]).collect();
                             let b = pipeline.bank_from_frames(&frames, eo.bank_dtype, &taps)?;

@@ -113,6 +113,30 @@ pub fn draw_text(img: &mut Rgb8, text: &str, x0: usize, y0: usize, scale: usize)
     }
 }
 
+/// `path` (`<stem>.safetensors`) with the inspection's `map` (H×W f32) and `score` ([1] f32),
+/// written atomically: what `inspect --dump` writes for comparisons outside edge-ad.
+pub fn write_dump(path: &std::path::Path, insp: &Inspection) -> crate::Result<()> {
+    use safetensors::tensor::TensorView;
+    let bad =
+        |e: safetensors::SafeTensorError| crate::Error::Invalid(format!("{}: {e}", path.display()));
+    let map: Vec<u8> = insp.map.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let score = insp.score.to_le_bytes();
+    let (h, w) = insp.map_size;
+    let views = [
+        (
+            "map",
+            TensorView::new(safetensors::Dtype::F32, vec![h, w], &map).map_err(bad)?,
+        ),
+        (
+            "score",
+            TensorView::new(safetensors::Dtype::F32, vec![1], &score).map_err(bad)?,
+        ),
+    ];
+    let bytes = safetensors::serialize(views, &None).map_err(bad)?;
+    edge_ad_calibration::bankfile::write_atomic(path, &bytes)?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

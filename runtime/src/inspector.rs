@@ -279,11 +279,7 @@ impl Scorer<'_> {
                 k,
                 taps,
             } => {
-                let h = match pool_image {
-                    Some(i) => index.histograms[i].clone(),
-                    None => index.histogram(&cell_features(desc, frame, 0, index.grid)),
-                };
-                let chosen = index.nearest_to(&h, *k, pool_image);
+                let chosen = aligned::choose_references(index, desc, frame, 0, *k, pool_image);
                 let refs: Vec<&FrameFeatures> = chosen.iter().map(|&i| &pool.frames[i]).collect();
                 let bank = pipeline.bank_from_frames(&refs, BankDtype::F16, taps)?;
                 Ok((pipeline.score_frame(frame, &bank)?, chosen))
@@ -511,7 +507,7 @@ pub fn calibrate(
     } else {
         opts.refs
     };
-    if paths.len() < k + 1 {
+    if paths.len() <= k {
         return Err(Error::Invalid(format!(
             "{}: {} normal images; calibration needs {} references plus at least one more normal image to set the threshold",
             opts.images.display(),

@@ -10,7 +10,6 @@ pub mod eval;
 pub mod heatmap;
 pub mod images;
 pub mod inspector;
-pub mod line;
 pub mod model;
 pub mod pipeline;
 pub mod preprocess;

@@ -235,6 +235,15 @@ impl ModelDescription {
         })
     }
 
+    /// The description with its fit replaced (`--fit`), validated again: a crop larger than
+    /// the resized frame is refused here instead of underflowing later.
+    pub fn with_fit(mut self, fit: Fit) -> Result<Self, String> {
+        self.input.fit = fit;
+        self.validate()
+            .map_err(|e| format!("--fit {}: {e}", fit.name()))?;
+        Ok(self)
+    }
+
     /// Parse and validate TOML text; the error names the offending field.
     pub fn parse(text: &str) -> Result<Self, String> {
         let desc: ModelDescription =
@@ -243,6 +252,7 @@ impl ModelDescription {
         Ok(desc)
     }
 
+    /// Check every field; also after `--fit` overrides the description's fit ([`Self::with_fit`]).
     fn validate(&self) -> Result<(), String> {
         let i = &self.input;
         if i.size[0] == 0 || i.size[1] == 0 {

@@ -386,7 +386,13 @@ impl Pipeline {
     pub fn load(opts: &PipelineOptions) -> Result<Self> {
         let mut desc = ModelDescription::load(&opts.model)?;
         if let Some(fit) = opts.fit {
-            desc.desc.input.fit = fit;
+            desc.desc = desc
+                .desc
+                .with_fit(fit)
+                .map_err(|message| Error::ModelDescription {
+                    path: opts.model.clone(),
+                    message,
+                })?;
         }
         let threads = if opts.threads == 0 {
             std::thread::available_parallelism()

@@ -34,8 +34,10 @@ impl Rgb8 {
         })
     }
 
-    /// Decode image bytes (PNG, JPEG, BMP, TIFF).
+    /// Decode image bytes (PNG, JPEG, BMP, TIFF). A truncated JPEG is an error: the decoder
+    /// would fill the missing part with grey and the part would be scored on half a picture.
     pub fn decode(bytes: &[u8]) -> Result<Self, String> {
+        jpeg_complete(bytes)?;
         let img =
             image::load_from_memory(bytes).map_err(|e| format!("cannot decode image: {e}"))?;
         let rgb = img.to_rgb8();
@@ -45,6 +47,24 @@ impl Rgb8 {
             height: h as usize,
             data: rgb.into_raw(),
         })
+    }
+}
+
+/// A JPEG (FF D8 …) must end its last scan with the end-of-image marker FF D9. Inside entropy-
+/// coded data 0xFF is always followed by 0x00 or a restart marker, so an FF D9 after the last
+/// start-of-scan (FF DA) can only be the real end; any other format passes.
+pub fn jpeg_complete(bytes: &[u8]) -> Result<(), String> {
+    if !bytes.starts_with(&[0xFF, 0xD8]) {
+        return Ok(());
+    }
+    let find_last = |m: u8| bytes.windows(2).rposition(|w| w == [0xFF, m]);
+    match (find_last(0xDA), find_last(0xD9)) {
+        (Some(sos), Some(eoi)) if eoi > sos => Ok(()),
+        (None, _) => Err("truncated JPEG: no scan (start-of-scan marker missing)".into()),
+        _ => Err(format!(
+            "truncated JPEG: no end-of-image marker after the last scan ({} bytes)",
+            bytes.len()
+        )),
     }
 }
 
@@ -476,6 +496,29 @@ pub fn normalise(window: &Rgb8, input: &Input, chw: &mut [f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// L1: truncated JPEGs used to decode with the missing part filled in and be scored.
+    #[test]
+    fn truncated_jpegs_are_errors_and_whole_ones_decode() {
+        let img =
+            image::RgbImage::from_fn(64, 48, |x, y| image::Rgb([x as u8 * 3, y as u8 * 5, 90]));
+        let mut jpg = Vec::new();
+        image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpg, 90)
+            .encode_image(&img)
+            .unwrap();
+        let whole = Rgb8::decode(&jpg).unwrap();
+        assert_eq!((whole.width, whole.height), (64, 48));
+        // Padding after the end marker (some cameras) is fine.
+        let mut padded = jpg.clone();
+        padded.extend([0u8; 32]);
+        assert!(Rgb8::decode(&padded).is_ok());
+        for cut in [jpg.len() - 2, jpg.len() * 3 / 4, jpg.len() / 2] {
+            let e = Rgb8::decode(&jpg[..cut]).unwrap_err();
+            assert!(e.contains("truncated JPEG"), "{cut}: {e}");
+        }
+        let e = Rgb8::decode(&jpg[..200]).unwrap_err();
+        assert!(e.contains("truncated JPEG"), "{e}");
+    }
 
     #[test]
     fn python_round_ties_to_even() {

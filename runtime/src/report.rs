@@ -74,7 +74,8 @@ pub fn summary(h: &BankHeader, r: &CalibrationReport) -> String {
     s
 }
 
-fn save_png(img: &Rgb8, path: &Path) -> Result<()> {
+/// Write `img` as a PNG, atomically (temporary file renamed into place).
+pub fn save_png(img: &Rgb8, path: &Path) -> Result<()> {
     let buf = image::RgbImage::from_raw(img.width as u32, img.height as u32, img.data.clone())
         .ok_or_else(|| Error::Invalid(format!("{}: image buffer size", path.display())))?;
     let tmp = path.with_extension("png.tmp");
@@ -186,6 +187,45 @@ pub fn contact_sheet(images: &[Rgb8], cell: usize) -> Rgb8 {
         x0 += s.width + gap;
     }
     out
+}
+
+/// Write the bank to `bank_path` and its report to `report_dir` so that a bank is never left
+/// beside another calibration's report, whatever moment the process is killed at: the report is
+/// written whole into a temporary folder first, the old report is removed, the bank is renamed
+/// into place (atomically), and only then the new report. A kill leaves either the old bank
+/// with no report, or the new bank with no report (and a `.tmp-<pid>` folder), never a
+/// mismatched pair.
+pub fn save_with_bank(
+    bank: &edge_ad_calibration::BankFile,
+    bank_path: &Path,
+    report_dir: &Path,
+    r: &CalibrationReport,
+    summary: &str,
+) -> Result<()> {
+    let parent = report_dir
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = report_dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "report".into());
+    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    if let Err(e) = write(&tmp, &bank.header, r, summary) {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    if report_dir.exists() {
+        let old = parent.join(format!(".{name}.old-{}", std::process::id()));
+        std::fs::rename(report_dir, &old).map_err(|e| Error::io(report_dir, e))?;
+        let _ = std::fs::remove_dir_all(&old);
+    }
+    if let Err(e) = bank.save(bank_path) {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e.into());
+    }
+    std::fs::rename(&tmp, report_dir).map_err(|e| Error::io(report_dir, e))
 }
 
 /// Write the whole report into `dir` (created if needed).

@@ -201,9 +201,7 @@ impl GpuFrame {
 impl Gpu {
     /// Upload one projector level (spec §4.4: K and V were precomputed at load by the CPU twin).
     pub fn upload_projector(&self, lp: &LevelProjector) -> Result<GpuProjector, CudaError> {
-        if self.blas.is_none() {
-            return Err(CudaError::NoCublas);
-        }
+        self.blas()?;
         let heads = crate::projector::HEADS;
         let kv = self.upload_kv(&lp.k_heads, &lp.v_heads, heads, lp.refs())?;
         Ok(GpuProjector {

@@ -284,27 +284,57 @@ pub enum PinSpec {
     },
 }
 
+/// Why a GPIO pin or line cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum GpioError {
+    /// A header pin without a board profile to resolve it.
+    #[error("header pin {0}: set `board` so that header pins can be resolved, or give {{ chip, offset }}")]
+    NoBoard(u8),
+    /// The board has no such GPIO header pin.
+    #[error(transparent)]
+    Board(#[from] edge_ad_boards::BoardError),
+    /// The GPIO chips could not be listed.
+    #[error("cannot list GPIO chips: {0}")]
+    ListChips(String),
+    /// No chip has the label.
+    #[error("no GPIO chip labelled `{label}` (chips: {seen})")]
+    NoChip {
+        /// The label asked for.
+        label: String,
+        /// The labels present.
+        seen: String,
+    },
+    /// The kernel refused the line request.
+    #[error("{what} {chip} line {offset}: {message}")]
+    Request {
+        /// Which output or input.
+        what: String,
+        /// Chip label.
+        chip: String,
+        /// Line offset.
+        offset: u32,
+        /// gpiocdev's explanation.
+        message: String,
+    },
+}
+
 /// Chip label and offset of a pin.
 pub fn resolve_pin(
     spec: &PinSpec,
     board: Option<&edge_ad_boards::Profile>,
-) -> Result<(String, u32), String> {
+) -> Result<(String, u32), GpioError> {
     match spec {
         PinSpec::Line { chip, offset } => Ok((chip.clone(), *offset)),
         PinSpec::Header(pin) => {
-            let b = board.ok_or_else(|| {
-                format!("header pin {pin}: set `board` so that header pins can be resolved, or give {{ chip, offset }}")
-            })?;
-            edge_ad_boards::header_pin(b, *pin)
-                .map(|(chip, l)| (chip, l.offset))
-                .map_err(|e| e.to_string())
+            let b = board.ok_or(GpioError::NoBoard(*pin))?;
+            Ok(edge_ad_boards::header_pin(b, *pin).map(|(chip, l)| (chip, l.offset))?)
         }
     }
 }
 
 /// The `/dev/gpiochipN` whose label is `label` (chips are found by label: numbering changes).
-pub fn chip_by_label(label: &str) -> Result<std::path::PathBuf, String> {
-    let chips = gpiocdev::chip::chips().map_err(|e| format!("cannot list GPIO chips: {e}"))?;
+pub fn chip_by_label(label: &str) -> Result<std::path::PathBuf, GpioError> {
+    let chips = gpiocdev::chip::chips().map_err(|e| GpioError::ListChips(e.to_string()))?;
     let mut seen = Vec::new();
     for p in chips {
         if let Ok(info) = gpiocdev::Chip::from_path(&p).and_then(|c| c.info()) {
@@ -314,14 +344,14 @@ pub fn chip_by_label(label: &str) -> Result<std::path::PathBuf, String> {
             seen.push(info.label);
         }
     }
-    Err(format!(
-        "no GPIO chip labelled `{label}` (chips: {})",
-        if seen.is_empty() {
+    Err(GpioError::NoChip {
+        label: label.to_string(),
+        seen: if seen.is_empty() {
             "none".into()
         } else {
             seen.join(", ")
-        }
-    ))
+        },
+    })
 }
 
 /// Outputs on GPIO character devices (gpiocdev; uAPI v2, v1 fallback), requested inactive so that
@@ -332,7 +362,7 @@ pub struct GpiocdevOut {
 
 impl GpiocdevOut {
     /// Request every configured output line.
-    pub fn open(lines: &[(OutLine, String, u32)]) -> Result<Self, String> {
+    pub fn open(lines: &[(OutLine, String, u32)]) -> Result<Self, GpioError> {
         let mut out = Vec::new();
         for (line, chip, offset) in lines {
             let path = chip_by_label(chip)?;
@@ -342,7 +372,12 @@ impl GpiocdevOut {
                 .with_line(*offset)
                 .as_output(gpiocdev::line::Value::Inactive)
                 .request()
-                .map_err(|e| format!("{line:?} output {chip} line {offset}: {e}"))?;
+                .map_err(|e| GpioError::Request {
+                    what: format!("{line:?} output"),
+                    chip: chip.clone(),
+                    offset: *offset,
+                    message: e.to_string(),
+                })?;
             out.push((*line, req, *offset));
         }
         Ok(Self { lines: out })
@@ -372,7 +407,7 @@ pub fn watch_trigger(
     offset: u32,
     debounce: std::time::Duration,
     handle: super::arbiter::LineHandle,
-) -> Result<(), String> {
+) -> Result<(), GpioError> {
     let path = chip_by_label(chip)?;
     let req = gpiocdev::Request::builder()
         .on_chip(&path)
@@ -383,7 +418,12 @@ pub fn watch_trigger(
         .with_edge_detection(gpiocdev::line::EdgeDetection::RisingEdge)
         .with_debounce_period(debounce)
         .request()
-        .map_err(|e| format!("trigger input {chip} line {offset}: {e}"))?;
+        .map_err(|e| GpioError::Request {
+            what: "trigger input".into(),
+            chip: chip.to_string(),
+            offset,
+            message: e.to_string(),
+        })?;
     std::thread::Builder::new()
         .name("edge-ad-gpio-trigger".into())
         .spawn(move || loop {
@@ -402,7 +442,12 @@ pub fn watch_trigger(
                 }
             }
         })
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| GpioError::Request {
+            what: "trigger thread".into(),
+            chip: chip.to_string(),
+            offset,
+            message: e.to_string(),
+        })?;
     Ok(())
 }
 
@@ -497,7 +542,7 @@ impl super::arbiter::Sink for GpioSink {
 #[cfg(test)]
 mod device_tests {
     use super::*;
-    use crate::line::arbiter::Sink;
+    use crate::arbiter::Sink;
     use std::sync::{Arc, Mutex};
 
     struct Recorder(Arc<Mutex<Vec<(OutLine, bool)>>>);
@@ -559,8 +604,11 @@ mod device_tests {
             ("tegra234-gpio".into(), 105)
         );
         let e = resolve_pin(&PinSpec::Header(29), None).unwrap_err();
-        assert!(e.contains("board"), "{e}");
-        let e = resolve_pin(&PinSpec::Header(2), Some(&nano)).unwrap_err();
+        assert!(matches!(e, GpioError::NoBoard(29)), "{e}");
+        assert!(e.to_string().contains("board"), "{e}");
+        let e = resolve_pin(&PinSpec::Header(2), Some(&nano))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("header pin 2"), "{e}");
         assert_eq!(
             resolve_pin(
@@ -575,7 +623,7 @@ mod device_tests {
         );
         // On a machine without GPIO chips the error names the label asked for.
         if let Err(e) = chip_by_label("edge-ad-no-such-chip") {
-            assert!(e.contains("edge-ad-no-such-chip"), "{e}");
+            assert!(e.to_string().contains("edge-ad-no-such-chip"), "{e}");
         }
     }
 }

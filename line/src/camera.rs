@@ -6,8 +6,8 @@
 use super::arbiter::{Stage, StageResult};
 use super::pixels::{to_rgb, PixelFormat, RawFrame};
 use super::status::ErrCause;
-use crate::inspector::{Inspector, Verdict};
-use crate::preprocess::Rgb8;
+use edge_ad::inspector::{Inspector, Verdict};
+use edge_ad::preprocess::Rgb8;
 use std::collections::BTreeMap;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -406,6 +406,34 @@ impl Stage for CameraStage {
             ErrCause::Inference
         })?;
         Ok((insp.score, v == Verdict::Ng))
+    }
+
+    /// The self-test scores a live frame (it used to only wait for one): up to 5 s for the
+    /// camera to stream, then the frame through the model to a finite score.
+    fn self_test(&mut self) -> Result<(), u16> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let img = loop {
+            match self.next_frame() {
+                Ok(img) => break img,
+                Err(e) if Instant::now() >= deadline => {
+                    log::error!("self-test: camera: {e}");
+                    return Err(crate::status::code::CAMERA_NOT_FOUND);
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(100)),
+            }
+        };
+        let path: &Path = &self.path;
+        match self.inspector.inspect(&img, path) {
+            Ok((insp, _)) if insp.score.is_finite() => Ok(()),
+            Ok((insp, _)) => {
+                log::error!("self-test: score {} is not finite", insp.score);
+                Err(crate::status::code::SELF_TEST)
+            }
+            Err(e) => {
+                log::error!("self-test: inference: {e}");
+                Err(crate::status::code::SELF_TEST)
+            }
+        }
     }
 }
 

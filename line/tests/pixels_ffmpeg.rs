@@ -4,12 +4,31 @@
 //! Huffman tables stripped (cameras omit them and use the standard tables, so the frame is encoded
 //! with `-huffman default`).
 
-mod common;
-
-use common::*;
-use edge_ad::line::pixels::{to_rgb, PixelFormat, RawFrame};
+use edge_ad_line::pixels::{to_rgb, PixelFormat, RawFrame};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+
+/// The repository root.
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// The test venv's Python (tools/setup.sh), or `None` with a SKIPPED line outside CI.
+fn venv_python() -> Option<PathBuf> {
+    let py = root().join(".venv/bin/python");
+    if py.is_file() {
+        return Some(py);
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        ".venv missing in CI (tools/setup.sh creates it)"
+    );
+    eprintln!("SKIPPED: .venv not set up (run tools/setup.sh)");
+    None
+}
 
 fn ffmpeg() -> Option<PathBuf> {
     let py = venv_python()?;

@@ -29,6 +29,7 @@
 //! counters_every_s = 60
 //! ```
 
+use crate::error::{LineError, Result};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 
@@ -233,6 +234,19 @@ pub struct ModbusTcpSection {
     /// `high_first` (default) or `low_first` word order of 32-bit registers.
     #[serde(default = "default_word_order")]
     pub word_order: String,
+    /// Connections open at most (1–64); a new one closes the one idle longest.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: u32,
+    /// Seconds without a request after which a connection is closed (1–3600).
+    #[serde(default = "default_idle_timeout")]
+    pub idle_timeout_s: u64,
+}
+
+fn default_max_connections() -> u32 {
+    8
+}
+fn default_idle_timeout() -> u64 {
+    60
 }
 
 fn default_unit() -> u8 {
@@ -254,6 +268,9 @@ pub struct ModbusRtuSection {
     /// Slave id 1–247.
     #[serde(default = "default_unit")]
     pub unit_id: u8,
+    /// `high_first` (default) or `low_first` word order of 32-bit registers on this port.
+    #[serde(default = "default_word_order")]
+    pub word_order: String,
 }
 
 fn default_baud() -> u32 {
@@ -345,7 +362,7 @@ fn default_pinmux_report() -> PathBuf {
 }
 
 /// `[log]`.
-#[derive(Debug, Clone, Deserialize, Default)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LogSection {
     /// One JSON line per resolved tag.
@@ -354,6 +371,30 @@ pub struct LogSection {
     /// Counters to the log every N seconds (0 = never).
     #[serde(default)]
     pub counters_every_s: u64,
+    /// Rotate the results log when it would grow past this many MiB (1–100000).
+    #[serde(default = "default_results_max_mb")]
+    pub results_max_mb: u64,
+    /// Rotated results logs kept (`results.1` … `results.<keep>`, 1–100).
+    #[serde(default = "default_results_keep")]
+    pub results_keep: u32,
+}
+
+fn default_results_max_mb() -> u64 {
+    64
+}
+fn default_results_keep() -> u32 {
+    4
+}
+
+impl Default for LogSection {
+    fn default() -> Self {
+        Self {
+            results: None,
+            counters_every_s: 0,
+            results_max_mb: default_results_max_mb(),
+            results_keep: default_results_keep(),
+        }
+    }
 }
 
 /// Baud rates the serial ports accept.
@@ -362,17 +403,17 @@ pub const BAUDS: [u32; 5] = [9600, 19200, 38400, 57600, 115200];
 impl LineConfig {
     /// The board profile the config names, checked against `/proc/device-tree/compatible` where
     /// that exists (a mismatch names both).
-    pub fn board_profile(
-        &self,
-        config_path: &Path,
-    ) -> Result<Option<edge_ad_boards::Profile>, String> {
+    pub fn board_profile(&self, config_path: &Path) -> Result<Option<edge_ad_boards::Profile>> {
         let Some(name) = &self.board else {
             return Ok(None);
         };
-        let profile = edge_ad_boards::profile(name).map_err(|e| e.to_string())?;
+        let bad = |message: String| LineError::Config {
+            path: config_path.to_path_buf(),
+            message,
+        };
+        let profile = edge_ad_boards::profile(name).map_err(|e| bad(format!("board: {e}")))?;
         if let Ok(bytes) = std::fs::read("/proc/device-tree/compatible") {
-            edge_ad_boards::check(&profile, &bytes)
-                .map_err(|e| format!("{}: {e}", config_path.display()))?;
+            edge_ad_boards::check(&profile, &bytes).map_err(|e| bad(e.to_string()))?;
         }
         log::info!("board profile {} ({})", profile.name, profile.title);
         Ok(Some(profile))
@@ -380,14 +421,26 @@ impl LineConfig {
 
     /// Read, parse and validate; relative paths resolved against the file's folder. Returns the
     /// config and its bytes (for CONFIG_CRC32).
-    pub fn load(path: &Path) -> Result<(Self, Vec<u8>), String> {
-        let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        let text = std::str::from_utf8(&bytes)
-            .map_err(|e| format!("{}: not UTF-8: {e}", path.display()))?;
-        let mut c: LineConfig = toml::from_str(text)
-            .map_err(|e| format!("{}: {}", path.display(), e.to_string().trim_end()))?;
-        c.validate()
-            .map_err(|e| format!("{}: {e}", path.display()))?;
+    pub fn load(path: &Path) -> Result<(Self, Vec<u8>)> {
+        let bytes = std::fs::read(path).map_err(|source| LineError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let c = Self::from_bytes(&bytes, path)?;
+        Ok((c, bytes))
+    }
+
+    /// Parse and validate config bytes read from `path` (named in errors; relative paths are
+    /// resolved against its folder). Any bytes give a config or an error, never a panic.
+    pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<Self> {
+        let bad = |message: String| LineError::Config {
+            path: path.to_path_buf(),
+            message,
+        };
+        let text = std::str::from_utf8(bytes).map_err(|e| bad(format!("not UTF-8: {e}")))?;
+        let mut c: LineConfig =
+            toml::from_str(text).map_err(|e| bad(e.to_string().trim_end().to_string()))?;
+        c.validate().map_err(bad)?;
         let base = path.parent().unwrap_or(Path::new("."));
         let fix = |p: &mut PathBuf| {
             if p.is_relative() {
@@ -411,63 +464,103 @@ impl LineConfig {
         if let Some(g) = c.gpio.as_mut() {
             fix(&mut g.pinmux_report)
         }
-        Ok((c, bytes))
+        Ok(c)
     }
 
+    /// Every field in its documented range (docs/line.md), fields that do nothing for the
+    /// chosen kinds refused; each message names the field and the value.
     fn validate(&self) -> Result<(), String> {
-        if self.source.kind == SourceKind::V4l2 {
-            if self.source.width.is_none_or(|w| w == 0) || self.source.height.is_none_or(|h| h == 0)
-            {
+        let src = &self.source;
+        let camera = src.kind == SourceKind::V4l2;
+        in_range("model.threads", self.model.threads as u64, 0, 256)?;
+        if camera {
+            let (Some(w), Some(h)) = (src.width, src.height) else {
                 return Err("source.width and source.height: required for kind = \"v4l2\"".into());
+            };
+            in_range("source.width", w as u64, 16, 16384)?;
+            in_range("source.height", h as u64, 16, 16384)?;
+            if let Some(f) = src.fps {
+                in_range("source.fps", f as u64, 1, 1000)?;
             }
-            if self.source.fps == Some(0) {
-                return Err("source.fps: must be positive".into());
+        } else {
+            let camera_only = [
+                ("source.format", src.format.is_some()),
+                ("source.width", src.width.is_some()),
+                ("source.height", src.height.is_some()),
+                ("source.fps", src.fps.is_some()),
+                ("source.controls", !src.controls.is_empty()),
+            ];
+            if let Some((field, _)) = camera_only.iter().find(|(_, set)| *set) {
+                return Err(format!(
+                    "{field}: only a camera (kind = \"v4l2\") has it; this source is a {}",
+                    if src.kind == SourceKind::Folder {
+                        "folder"
+                    } else {
+                        "file"
+                    }
+                ));
             }
-        }
-        if self.source.kind != SourceKind::V4l2 && !self.source.controls.is_empty() {
-            return Err("source.controls: only a camera (kind = \"v4l2\") has controls".into());
         }
         if let Some(b) = &self.board {
             edge_ad_boards::profile(b).map_err(|e| format!("board: {e}"))?;
         }
-        if self.trigger.kind == TriggerKind::FreeRun {
-            match self.trigger.rate_hz {
+        let t = &self.trigger;
+        if t.kind == TriggerKind::FreeRun {
+            match t.rate_hz {
                 Some(r) if r.is_finite() && r > 0.0 && r <= 1000.0 => {}
                 Some(r) => return Err(format!("trigger.rate_hz: {r} must be in (0, 1000]")),
                 None => return Err("trigger.rate_hz: required with kind = \"free_run\"".into()),
             }
+            if let Some(n) = t.count {
+                in_range("trigger.count", n, 1, u32::MAX as u64)?;
+            }
+        } else if t.rate_hz.is_some() || t.count.is_some() {
+            return Err(format!(
+                "trigger.{}: only for kind = \"free_run\"",
+                if t.rate_hz.is_some() {
+                    "rate_hz"
+                } else {
+                    "count"
+                }
+            ));
         }
-        if self.trigger.kind == TriggerKind::Gpio
-            && self.gpio.as_ref().is_none_or(|g| g.trigger.is_none())
-        {
+        let gpio_trigger = self.gpio.as_ref().is_some_and(|g| g.trigger.is_some());
+        if t.kind == TriggerKind::Gpio && !gpio_trigger {
             return Err("trigger.kind = \"gpio\" needs gpio.trigger (the input pin)".into());
         }
+        if t.kind != TriggerKind::Gpio && gpio_trigger {
+            return Err(format!(
+                "gpio.trigger: set, but trigger.kind = \"{}\" ignores it (use kind = \"gpio\")",
+                match t.kind {
+                    TriggerKind::FreeRun => "free_run",
+                    _ => "external",
+                }
+            ));
+        }
         if let Some(g) = &self.gpio {
-            if g.strobe_ms == 0 {
-                return Err("gpio.strobe_ms: must be positive".into());
-            }
+            in_range("gpio.strobe_ms", g.strobe_ms, 1, 10_000)?;
+            in_range("gpio.reject_delay_ms", g.reject_delay_ms, 0, 60_000)?;
+            in_range("gpio.reject_ms", g.reject_ms, 1, 10_000)?;
+            in_range("gpio.debounce_ms", g.debounce_ms, 0, 100)?;
         }
-        if self.timing.deadline_ms == 0 {
-            return Err("timing.deadline_ms: must be positive".into());
-        }
-        if self.timing.fifo == 0 {
-            return Err("timing.fifo: must be at least 1".into());
-        }
+        let tm = &self.timing;
+        in_range("timing.deadline_ms", tm.deadline_ms, 1, 60_000)?;
+        in_range("timing.fifo", tm.fifo as u64, 1, MAX_FIFO as u64)?;
+        in_range("timing.fault_after", tm.fault_after as u64, 1, 1000)?;
         if let Some(t) = &self.modbus_tcp {
-            if !matches!(t.word_order.as_str(), "high_first" | "low_first") {
-                return Err(format!(
-                    "modbus_tcp.word_order: `{}` (expected high_first or low_first)",
-                    t.word_order
-                ));
-            }
-            if !(1..=247).contains(&t.unit_id) {
-                return Err(format!("modbus_tcp.unit_id: {} (1 to 247)", t.unit_id));
-            }
+            word_order("modbus_tcp.word_order", &t.word_order)?;
+            in_range("modbus_tcp.unit_id", t.unit_id as u64, 1, 247)?;
+            in_range(
+                "modbus_tcp.max_connections",
+                t.max_connections as u64,
+                1,
+                64,
+            )?;
+            in_range("modbus_tcp.idle_timeout_s", t.idle_timeout_s, 1, 3600)?;
         }
         if let Some(r) = &self.modbus_rtu {
-            if !(1..=247).contains(&r.unit_id) {
-                return Err(format!("modbus_rtu.unit_id: {} (1 to 247)", r.unit_id));
-            }
+            word_order("modbus_rtu.word_order", &r.word_order)?;
+            in_range("modbus_rtu.unit_id", r.unit_id as u64, 1, 247)?;
             if !BAUDS.contains(&r.baud) {
                 return Err(format!("modbus_rtu.baud: {} (one of {BAUDS:?})", r.baud));
             }
@@ -485,7 +578,31 @@ impl LineConfig {
                 ));
             }
         }
+        let l = &self.log;
+        in_range("log.counters_every_s", l.counters_every_s, 0, 86_400)?;
+        in_range("log.results_max_mb", l.results_max_mb, 1, 100_000)?;
+        in_range("log.results_keep", l.results_keep as u64, 1, 100)?;
         Ok(())
+    }
+}
+
+/// The largest `timing.fifo`: parts in flight are frames in memory; more than this is a line
+/// that cannot keep up, not a buffer.
+pub const MAX_FIFO: usize = 64;
+
+fn in_range(field: &str, v: u64, lo: u64, hi: u64) -> Result<(), String> {
+    if (lo..=hi).contains(&v) {
+        Ok(())
+    } else {
+        Err(format!("{field}: {v} is outside {lo}–{hi}"))
+    }
+}
+
+fn word_order(field: &str, v: &str) -> Result<(), String> {
+    if matches!(v, "high_first" | "low_first") {
+        Ok(())
+    } else {
+        Err(format!("{field}: `{v}` (expected high_first or low_first)"))
     }
 }
 
@@ -571,7 +688,7 @@ mod tests {
             .collect();
         assert_eq!(v, [("auto_exposure", 1), ("white_balance_automatic", 0)]);
         write("kind = \"folder\"\npath = \"parts\"");
-        let e = LineConfig::load(&path).unwrap_err();
+        let e = LineConfig::load(&path).unwrap_err().to_string();
         assert!(e.contains("source.controls"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
@@ -590,7 +707,7 @@ mod tests {
             match profile.pins {
                 Some(p) => {
                     let g = c.gpio.expect("gpio section");
-                    use super::super::gpio::PinSpec::Header;
+                    use crate::gpio::PinSpec::Header;
                     assert_eq!(c.trigger.kind, TriggerKind::Gpio);
                     assert_eq!(
                         [g.trigger, g.pass, g.strobe, g.ready, g.heartbeat],
@@ -617,11 +734,68 @@ mod tests {
 
     const MIN: &str = "[model]\nmodel = \"m.toml\"\nbank = \"b.eab\"\n[source]\nkind = \"folder\"\npath = \"imgs\"\n";
 
-    fn parse(extra: &str) -> Result<LineConfig, String> {
+    fn parse(extra: &str) -> std::result::Result<LineConfig, String> {
         let t = tempfile::tempdir().unwrap();
         let p = t.path().join("line.toml");
         std::fs::write(&p, format!("{MIN}{extra}")).unwrap();
-        LineConfig::load(&p).map(|c| c.0)
+        LineConfig::load(&p).map(|c| c.0).map_err(|e| e.to_string())
+    }
+
+    /// Every numeric field is refused outside its range, naming the field (M5: fault_after = 0
+    /// used to fault the line on its first NG; M6: a huge fifo aborted on allocation).
+    #[test]
+    fn numeric_fields_are_bounded_and_named() {
+        let cases = [
+            ("[timing]\nfault_after = 0\n", "timing.fault_after: 0"),
+            (
+                "[timing]\nfifo = 100000000000\n",
+                "timing.fifo: 100000000000",
+            ),
+            ("[timing]\ndeadline_ms = 3600000\n", "timing.deadline_ms"),
+            ("[log]\nresults_keep = 0\n", "log.results_keep: 0"),
+            ("[log]\nresults_max_mb = 0\n", "log.results_max_mb: 0"),
+            (
+                "[modbus_tcp]\nbind = \"127.0.0.1:1\"\nmax_connections = 0\n",
+                "modbus_tcp.max_connections: 0",
+            ),
+            (
+                "[modbus_tcp]\nbind = \"127.0.0.1:1\"\nidle_timeout_s = 0\n",
+                "modbus_tcp.idle_timeout_s: 0",
+            ),
+            (
+                "[modbus_rtu]\nport = \"/dev/x\"\nword_order = \"odd\"\n",
+                "modbus_rtu.word_order",
+            ),
+            (
+                "[trigger]\nkind = \"free_run\"\nrate_hz = 5.0\ncount = 0\n",
+                "trigger.count: 0",
+            ),
+            ("[trigger]\nrate_hz = 5.0\n", "trigger.rate_hz: only"),
+            (
+                "[trigger]\nkind = \"external\"\n[gpio]\ntrigger = 29\n",
+                "gpio.trigger: set",
+            ),
+            (
+                "[trigger]\nkind = \"gpio\"\n[gpio]\ntrigger = 29\ndebounce_ms = 1000\n",
+                "gpio.debounce_ms: 1000",
+            ),
+        ];
+        for (extra, want) in cases {
+            let e = parse(extra).unwrap_err();
+            assert!(e.contains(want), "{extra:?}: {e}");
+        }
+        let e = parse("").map(|c| c.timing.fault_after).unwrap();
+        assert_eq!(e, 3);
+    }
+
+    /// Camera-only fields are refused for a folder or file source.
+    #[test]
+    fn camera_fields_are_refused_for_a_folder() {
+        let t = tempfile::tempdir().unwrap();
+        let p = t.path().join("line.toml");
+        std::fs::write(&p, "[model]\nmodel = \"m\"\nbank = \"b\"\n[source]\nkind = \"folder\"\npath = \"x\"\nwidth = 640\n").unwrap();
+        let e = LineConfig::load(&p).unwrap_err().to_string();
+        assert!(e.contains("source.width: only a camera"), "{e}");
     }
 
     #[test]
@@ -648,7 +822,7 @@ mod tests {
         assert!(e.contains("gpio.trigger"), "{e}");
         let c = parse("[trigger]\nkind = \"gpio\"\n[gpio]\ntrigger = 29\npass = { chip = \"tegra234-gpio\", offset = 106 }\n").unwrap();
         let g = c.gpio.unwrap();
-        assert_eq!(g.trigger, Some(super::super::gpio::PinSpec::Header(29)));
+        assert_eq!(g.trigger, Some(crate::gpio::PinSpec::Header(29)));
         assert_eq!(g.strobe_ms, 20);
         let e = parse("[trigger]\nkind = \"gpio_edge\"\n").unwrap_err();
         assert!(e.contains("gpio_edge"), "{e}");

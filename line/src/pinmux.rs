@@ -82,13 +82,32 @@ fn config_pins(cfg: &LineConfig) -> Vec<(&'static str, &PinSpec, Direction)> {
     pins
 }
 
+/// Why the pinmux check could not run or its report could not be written.
+#[derive(Debug, thiserror::Error)]
+pub enum PinmuxError {
+    /// The board has no such header pin.
+    #[error(transparent)]
+    Board(#[from] edge_ad_boards::BoardError),
+    /// A register or file could not be read or written.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file (`/dev/mem` with the register address, or the report).
+        path: PathBuf,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// The report could not be serialised.
+    #[error("pinmux report: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
 /// Read the PADCTL register of every header pin of `cfg` through `mem` (`/dev/mem`).
 pub fn check(
     cfg: &LineConfig,
     config_bytes: &[u8],
     board: Option<&Profile>,
     mem: &Path,
-) -> Result<Report, String> {
+) -> Result<Report, PinmuxError> {
     let mut report = Report {
         config_crc: super::status::crc32(config_bytes),
         board: board.map(|b| b.name.clone()),
@@ -111,7 +130,7 @@ pub fn check(
                 .push(format!("gpio.{role} (header pin {pin}): no board profile"));
             continue;
         };
-        let (chip, line) = edge_ad_boards::header_pin(b, pin).map_err(|e| e.to_string())?;
+        let (chip, line) = edge_ad_boards::header_pin(b, pin)?;
         let Some(address) = padctl_address(&b.name, pin) else {
             report.unchecked.push(format!(
                 "gpio.{role} (header pin {pin}): NVIDIA's tables give no PADCTL address on {}",
@@ -119,8 +138,10 @@ pub fn check(
             ));
             continue;
         };
-        let value = read_u32(mem, address)
-            .map_err(|e| format!("{} at {address:#010x}: {e}", mem.display()))?;
+        let value = read_u32(mem, address).map_err(|source| PinmuxError::Io {
+            path: PathBuf::from(format!("{} at {address:#010x}", mem.display())),
+            source,
+        })?;
         let c = PadCheck {
             pin,
             port: line.port.into(),
@@ -150,14 +171,18 @@ pub fn check(
 }
 
 /// Write the report atomically (temporary file, then rename), creating its folder.
-pub fn write_report(path: &Path, report: &Report) -> Result<(), String> {
+pub fn write_report(path: &Path, report: &Report) -> Result<(), PinmuxError> {
+    let io = |p: &Path| {
+        let path = p.to_path_buf();
+        move |source| PinmuxError::Io { path, source }
+    };
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
     }
     let tmp = PathBuf::from(format!("{}.tmp", path.display()));
-    let json = serde_json::to_vec_pretty(report).map_err(|e| e.to_string())?;
-    std::fs::write(&tmp, json).map_err(|e| format!("{}: {e}", tmp.display()))?;
-    std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))
+    let json = serde_json::to_vec_pretty(report)?;
+    std::fs::write(&tmp, json).map_err(io(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(io(path))
 }
 
 /// The daemon's half: `Err(messages)` when a pin is not muxed for its use (error 0x0303). A

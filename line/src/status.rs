@@ -3,6 +3,7 @@
 //! [`Registers`] snapshots of it.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 /// Fail-safe states (line-side.md §6.1); the number is register STATE.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -68,6 +69,45 @@ pub enum ErrCause {
     Inference = 0x0403,
     /// The line was not Running (offline, faulted, draining).
     NotRunning = 0x0001,
+}
+
+/// Error codes that are not a tag's cause (ERROR_CODE register, docs/line.md).
+pub mod code {
+    /// No camera at the configured node (self-test).
+    pub const CAMERA_NOT_FOUND: u16 = 0x0201;
+    /// GPIO chip or line unusable.
+    pub const GPIO: u16 = 0x0301;
+    /// A header pin is not muxed as GPIO (pinmux report).
+    pub const PINMUX: u16 = 0x0303;
+    /// The self-test frame did not score to a finite number.
+    pub const SELF_TEST: u16 = 0x0402;
+    /// A serial or RTU port could not be opened at start.
+    pub const SERIAL_OPEN: u16 = 0x0501;
+    /// A serial or RTU port vanished while running (being reopened).
+    pub const SERIAL_LOST: u16 = 0x0502;
+}
+
+/// Health figures that threads other than the arbiter update (output sinks, protocol servers,
+/// the stage worker) and that the register image shows. Shared lock-free: none of them may wait
+/// for the arbiter, and the arbiter never waits for them.
+#[derive(Debug, Default)]
+pub struct Health {
+    /// Result lines or state changes an output could not take (queue full, write timed out).
+    pub outputs_dropped: AtomicU32,
+    /// Failed writes of the results log.
+    pub log_errors: AtomicU32,
+    /// The last results-log write failed (cleared by the next good one).
+    pub log_failing: AtomicBool,
+    /// Bit per serial port (0 serial, 1 RTU) that is gone and being reopened.
+    pub ports_lost: AtomicU32,
+    /// Modbus TCP connections open now.
+    pub tcp_connections: AtomicU32,
+    /// Modbus TCP connections closed by the server (cap reached: oldest idle first; idle timeout).
+    pub tcp_dropped: AtomicU32,
+    /// Jobs the inspection stage has finished (parts and self-tests): the watchdog's progress.
+    pub stage_done: AtomicU64,
+    /// The stage is working on a job now.
+    pub stage_busy: AtomicBool,
 }
 
 /// One resolved tag: what every sink receives, in tag order.
@@ -165,8 +205,20 @@ pub struct Status {
     pub high_word_first: bool,
     /// GPIO ABI in use (0 = none).
     pub gpio_abi: u16,
-    /// Arbiter loop iterations: the watchdog is fed only while this moves.
+    /// Arbiter loop iterations.
     pub alive: u64,
+    /// Outputs dropped (a sink that cannot keep up), from [`Health`].
+    pub outputs_dropped: u32,
+    /// Results-log write errors, from [`Health`].
+    pub log_errors: u32,
+    /// The last results-log write failed.
+    pub log_failing: bool,
+    /// A serial/RTU port is gone (being reopened).
+    pub port_lost: bool,
+    /// Modbus TCP connections open.
+    pub tcp_connections: u16,
+    /// Modbus TCP connections the server closed.
+    pub tcp_dropped: u32,
 }
 
 impl Default for Status {
@@ -187,11 +239,28 @@ impl Default for Status {
             high_word_first: true,
             gpio_abi: 0,
             alive: 0,
+            outputs_dropped: 0,
+            log_errors: 0,
+            log_failing: false,
+            port_lost: false,
+            tcp_connections: 0,
+            tcp_dropped: 0,
         }
     }
 }
 
 impl Status {
+    /// Copy the figures other threads keep in `h` into this snapshot.
+    pub fn with_health(mut self, h: &Health) -> Self {
+        self.outputs_dropped = h.outputs_dropped.load(Ordering::Relaxed);
+        self.log_errors = h.log_errors.load(Ordering::Relaxed);
+        self.log_failing = h.log_failing.load(Ordering::Relaxed);
+        self.port_lost = h.ports_lost.load(Ordering::Relaxed) != 0;
+        self.tcp_connections = h.tcp_connections.load(Ordering::Relaxed).min(65535) as u16;
+        self.tcp_dropped = h.tcp_dropped.load(Ordering::Relaxed);
+        self
+    }
+
     /// Count a resolved tag and keep it in the ring.
     pub fn record(&mut self, r: &ResultRecord) {
         let c = &mut self.counters;
@@ -229,6 +298,9 @@ impl Status {
             last.is_some_and(|r| r.outcome == Outcome::Ok),
             last.is_some_and(|r| r.outcome == Outcome::Ng),
             last.is_some_and(|r| r.outcome == Outcome::Err),
+            self.port_lost,
+            self.log_failing,
+            self.outputs_dropped > 0,
         ];
         for (i, b) in bits.iter().enumerate() {
             if *b {
@@ -279,6 +351,10 @@ impl Status {
         w[29] = self.heartbeat_count;
         put32(&mut w, 30, self.uptime_s);
         w[32] = self.gpio_abi;
+        put32(&mut w, 34, self.outputs_dropped);
+        put32(&mut w, 36, self.log_errors);
+        w[38] = self.tcp_connections;
+        put32(&mut w, 40, self.tcp_dropped);
         for (i, r) in self.ring.iter().enumerate() {
             let a = 200 + 5 * i;
             put32(&mut w, a, r.tag);
@@ -301,17 +377,22 @@ pub struct Registers {
 }
 
 impl Registers {
-    /// Register `addr` (input registers; `holding` also serves 100–101). `None` = illegal address.
+    /// Register `addr` (input registers; `holding` also serves COMMAND, 100, which reads 0).
+    /// `None` = illegal address.
     pub fn register(&self, addr: usize, holding: bool) -> Option<u16> {
         match addr {
             0..=99 | 200..=239 => Some(self.words[addr]),
-            100 | 101 if holding => Some(0),
+            100 if holding => Some(0),
             _ => None,
         }
     }
-    /// Holding registers a master may write.
+    /// Holding registers a master may write: COMMAND (100) only.
     pub fn writable(addr: u16) -> bool {
-        matches!(addr, 100 | 101)
+        addr == 100
+    }
+    /// A value COMMAND accepts: 1 clear counters, 2 fault ack, 3 online, 4 offline.
+    pub fn command_value(value: u16) -> bool {
+        (1..=4).contains(&value)
     }
     /// Coil `addr`: TRIGGER, CLEAR and FAULT_ACK read 0 (self-clearing); ONLINE the state.
     pub fn coil(&self, addr: usize) -> Option<bool> {
@@ -401,6 +482,8 @@ mod tests {
         assert_eq!(r.register(99, false), Some(0));
         assert_eq!(r.register(100, false), None);
         assert_eq!(r.register(100, true), Some(0));
+        assert_eq!(r.register(101, true), None);
+        assert!(Registers::writable(100) && !Registers::writable(101));
         assert_eq!(r.register(150, true), None);
         s.high_word_first = false;
         let r = s.registers();

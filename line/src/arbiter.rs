@@ -6,8 +6,9 @@
 //! it as [`Event`]s, so "resolved exactly once" needs no locking: a verdict for a tag that is no
 //! longer in the FIFO (its deadline won) is counted as late and dropped.
 
-use super::status::{Counters, ErrCause, LineState, Outcome, ResultRecord, Status};
+use super::status::{code, Counters, ErrCause, Health, LineState, Outcome, ResultRecord, Status};
 use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -19,6 +20,27 @@ pub type StageResult = Result<(f32, bool), ErrCause>;
 pub trait Stage: Send {
     /// Inspect the part of `tag`.
     fn inspect(&mut self, tag: u32) -> StageResult;
+    /// The self-test (line-side.md §6.2): a frame of the source scored by the model to a finite
+    /// number, through the same path as a part. `Err` carries the ERROR_CODE. Run at start and
+    /// after every FAULT_ACK, so a line never returns to Running on trust.
+    fn self_test(&mut self) -> Result<(), u16> {
+        match self.inspect(0) {
+            Ok((score, _)) if score.is_finite() => Ok(()),
+            Ok((score, _)) => {
+                log::error!("self-test: score {score} is not finite");
+                Err(code::SELF_TEST)
+            }
+            Err(ErrCause::Capture) => Err(ErrCause::Capture as u16),
+            Err(_) => Err(code::SELF_TEST),
+        }
+    }
+}
+
+/// Work for the stage's thread.
+#[derive(Debug, Clone, Copy)]
+enum Job {
+    Inspect(u32),
+    SelfTest,
 }
 
 /// Receives every resolved tag, in tag order, and state changes.
@@ -51,6 +73,10 @@ pub enum Event {
     Command(Command),
     /// Self-test finished: Ready (and Running with auto_online), or Faulted with an error code.
     SelfTest(Result<(), u16>),
+    /// Run the self-test on the stage now (at start, once the I/O is open).
+    RequestSelfTest,
+    /// A port the line reports on vanished (`true`) or is back (`false`).
+    PortLost(bool),
     /// SIGTERM: drain and stop.
     Shutdown,
 }
@@ -64,7 +90,8 @@ pub struct LineTiming {
     pub fifo: usize,
     /// Go Running after the self-test without an ONLINE command.
     pub auto_online: bool,
-    /// Consecutive stage errors that fault the line.
+    /// Consecutive ERR results of parts inspected while Running (deadline, overrun, capture,
+    /// inference) that fault the line.
     pub fault_after: u32,
 }
 
@@ -73,6 +100,7 @@ pub struct LineTiming {
 pub struct LineHandle {
     tx: Sender<Event>,
     status: Arc<Mutex<Status>>,
+    health: Arc<Health>,
 }
 
 impl LineHandle {
@@ -89,17 +117,33 @@ impl LineHandle {
     pub fn command(&self, c: Command) {
         let _ = self.tx.send(Event::Command(c));
     }
-    /// Report the self-test result.
+    /// Report a self-test result made elsewhere (I/O that failed to open).
     pub fn self_test(&self, r: Result<(), u16>) {
         let _ = self.tx.send(Event::SelfTest(r));
+    }
+    /// Let the stage run the self-test; its result moves the line on.
+    pub fn request_self_test(&self) {
+        let _ = self.tx.send(Event::RequestSelfTest);
+    }
+    /// A port vanished (`true`) or was reopened (`false`).
+    pub fn port_lost(&self, lost: bool) {
+        let _ = self.tx.send(Event::PortLost(lost));
     }
     /// Start draining.
     pub fn shutdown(&self) {
         let _ = self.tx.send(Event::Shutdown);
     }
-    /// A copy of the current status.
+    /// A copy of the current status, with the health figures of the other threads.
     pub fn status(&self) -> Status {
-        self.status.lock().map(|s| s.clone()).unwrap_or_default()
+        self.status
+            .lock()
+            .map(|s| s.clone())
+            .unwrap_or_default()
+            .with_health(&self.health)
+    }
+    /// The figures that sinks, servers and the stage update.
+    pub fn health(&self) -> &Arc<Health> {
+        &self.health
     }
 }
 
@@ -117,17 +161,31 @@ pub fn start(
     sinks: Vec<Box<dyn Sink>>,
     status: Status,
 ) -> (LineHandle, std::thread::JoinHandle<Counters>) {
+    start_with_health(timing, stage, sinks, status, Arc::default())
+}
+
+/// [`start`] with the [`Health`] that sinks made before the line already count into.
+pub fn start_with_health(
+    timing: LineTiming,
+    stage: Box<dyn Stage>,
+    sinks: Vec<Box<dyn Sink>>,
+    status: Status,
+    health: Arc<Health>,
+) -> (LineHandle, std::thread::JoinHandle<Counters>) {
     let (tx, rx) = mpsc::channel();
     let status = Arc::new(Mutex::new(status));
-    let (job_tx, job_rx) = mpsc::sync_channel::<u32>(timing.fifo.max(1));
+    // One extra slot: a self-test after FAULT_ACK finds room even with the FIFO's parts queued.
+    let (job_tx, job_rx) = mpsc::sync_channel::<Job>(timing.fifo.max(1) + 1);
     let worker_tx = tx.clone();
+    let worker_health = health.clone();
     std::thread::Builder::new()
         .name("edge-ad-stage".into())
-        .spawn(move || worker(stage, job_rx, worker_tx))
+        .spawn(move || worker(stage, job_rx, worker_tx, &worker_health))
         .expect("spawn the stage thread");
     let handle = LineHandle {
         tx,
         status: status.clone(),
+        health,
     };
     let join = std::thread::Builder::new()
         .name("edge-ad-arbiter".into())
@@ -136,13 +194,25 @@ pub fn start(
     (handle, join)
 }
 
-fn worker(mut stage: Box<dyn Stage>, jobs: Receiver<u32>, tx: Sender<Event>) {
-    while let Ok(tag) = jobs.recv() {
-        // A panicking stage must not take the line down silently: its tag ends as ERR by deadline
-        // and the next tags still run.
-        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| stage.inspect(tag)))
-            .unwrap_or(Err(ErrCause::Inference));
-        if tx.send(Event::Verdict(tag, r)).is_err() {
+fn worker(mut stage: Box<dyn Stage>, jobs: Receiver<Job>, tx: Sender<Event>, health: &Health) {
+    while let Ok(job) = jobs.recv() {
+        health.stage_busy.store(true, Ordering::SeqCst);
+        // A panicking stage must not take the line down silently: its tag ends as ERR and the
+        // next tags still run.
+        let ev = match job {
+            Job::Inspect(tag) => Event::Verdict(
+                tag,
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| stage.inspect(tag)))
+                    .unwrap_or(Err(ErrCause::Inference)),
+            ),
+            Job::SelfTest => Event::SelfTest(
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| stage.self_test()))
+                    .unwrap_or(Err(code::SELF_TEST)),
+            ),
+        };
+        health.stage_done.fetch_add(1, Ordering::SeqCst);
+        health.stage_busy.store(false, Ordering::SeqCst);
+        if tx.send(ev).is_err() {
             return;
         }
     }
@@ -157,7 +227,7 @@ fn ms_since(t0: Instant, now: Instant) -> u32 {
 fn arbiter(
     timing: LineTiming,
     rx: Receiver<Event>,
-    jobs: SyncSender<u32>,
+    jobs: SyncSender<Job>,
     mut sinks: Vec<Box<dyn Sink>>,
     status: Arc<Mutex<Status>>,
 ) -> Counters {
@@ -166,6 +236,7 @@ fn arbiter(
     let mut fifo: VecDeque<Entry> = VecDeque::new();
     let mut next_tag: u32 = 1;
     let mut consecutive_errors = 0u32;
+    let mut ports_lost = false;
     let mut last_state = st.state;
     for s in sinks.iter_mut() {
         s.state(st.state);
@@ -193,7 +264,7 @@ fn arbiter(
                 let unresolved = fifo.iter().filter(|e| e.result.is_none()).count();
                 let result = if st.state != LineState::Running {
                     Some((Outcome::Err, f32::NAN, Some(ErrCause::NotRunning)))
-                } else if unresolved >= timing.fifo || jobs.try_send(tag).is_err() {
+                } else if unresolved >= timing.fifo || jobs.try_send(Job::Inspect(tag)).is_err() {
                     st.counters.overruns = st.counters.overruns.wrapping_add(1);
                     st.overrun_latched = true;
                     Some((Outcome::Err, f32::NAN, Some(ErrCause::Overrun)))
@@ -202,49 +273,37 @@ fn arbiter(
                 };
                 fifo.push_back(Entry { tag, t0, result });
             }
-            Ok(Event::Verdict(tag, r)) => match fifo
-                .iter_mut()
-                .find(|e| e.tag == tag && e.result.is_none())
-            {
-                Some(e) => {
-                    e.result = Some(match r {
-                        Ok((score, ng)) if score.is_finite() => {
-                            consecutive_errors = 0;
-                            (if ng { Outcome::Ng } else { Outcome::Ok }, score, None)
-                        }
-                        Ok((score, _)) => {
-                            consecutive_errors += 1;
-                            (Outcome::Err, score, Some(ErrCause::Inference))
-                        }
-                        Err(cause) => {
-                            consecutive_errors += 1;
-                            (Outcome::Err, f32::NAN, Some(cause))
-                        }
-                    });
-                    if consecutive_errors >= timing.fault_after && st.state == LineState::Running {
-                        st.state = LineState::Faulted;
-                        st.error_code = match r {
-                            Err(c) => c as u16,
-                            Ok(_) => ErrCause::Inference as u16,
-                        };
+            Ok(Event::Verdict(tag, r)) => {
+                match fifo.iter_mut().find(|e| e.tag == tag && e.result.is_none()) {
+                    Some(e) => {
+                        e.result = Some(match r {
+                            Ok((score, ng)) if score.is_finite() => {
+                                (if ng { Outcome::Ng } else { Outcome::Ok }, score, None)
+                            }
+                            Ok((score, _)) => (Outcome::Err, score, Some(ErrCause::Inference)),
+                            Err(cause) => (Outcome::Err, f32::NAN, Some(cause)),
+                        });
                     }
+                    None => st.counters.late_results = st.counters.late_results.wrapping_add(1),
                 }
-                None => st.counters.late_results = st.counters.late_results.wrapping_add(1),
-            },
+            }
             Ok(Event::Command(c)) => match c {
                 Command::ClearCounters => {
                     st.counters = Counters::default();
                 }
                 Command::FaultAck => {
                     st.overrun_latched = false;
-                    if st.state == LineState::Faulted {
+                    // Back to Ready/Running only through a new self-test, and not while a port
+                    // is still gone.
+                    if st.state == LineState::Faulted && !ports_lost {
                         consecutive_errors = 0;
-                        st.error_code = 0;
-                        st.state = if timing.auto_online {
-                            LineState::Running
+                        if jobs.try_send(Job::SelfTest).is_ok() {
+                            st.state = LineState::SelfTest;
                         } else {
-                            LineState::Ready
-                        };
+                            log::warn!(
+                                "FAULT_ACK: the stage is still busy; the line stays Faulted"
+                            );
+                        }
                     }
                 }
                 Command::Online(on) => {
@@ -257,8 +316,27 @@ fn arbiter(
                     }
                 }
             },
-            Ok(Event::SelfTest(r)) => {
+            Ok(Event::RequestSelfTest) => {
                 if matches!(st.state, LineState::Booting | LineState::SelfTest) {
+                    st.state = LineState::SelfTest;
+                    if jobs.try_send(Job::SelfTest).is_err() {
+                        st.state = LineState::Faulted;
+                        st.error_code = code::SELF_TEST;
+                    }
+                }
+            }
+            Ok(Event::PortLost(lost)) => {
+                ports_lost = lost;
+                if lost && st.state != LineState::Draining {
+                    st.state = LineState::Faulted;
+                    st.error_code = code::SERIAL_LOST;
+                }
+            }
+            Ok(Event::SelfTest(r)) => {
+                if ports_lost {
+                    st.state = LineState::Faulted;
+                    st.error_code = code::SERIAL_LOST;
+                } else if matches!(st.state, LineState::Booting | LineState::SelfTest) {
                     match r {
                         Ok(()) => {
                             st.error_code = 0;
@@ -269,6 +347,7 @@ fn arbiter(
                             };
                         }
                         Err(code) => {
+                            log::error!("self-test failed: error 0x{code:04x}; the line stays Faulted (READY low, every part rejected)");
                             st.error_code = code;
                             st.state = LineState::Faulted;
                         }
@@ -297,6 +376,23 @@ fn arbiter(
                 cause,
             };
             st.record(&rec);
+            // Sustained ERR (line-side.md §6.1): `fault_after` parts in a row that were to be
+            // inspected and got no verdict fault the line, whatever the cause.
+            match (outcome, cause) {
+                (Outcome::Err, Some(ErrCause::NotRunning)) => {}
+                (Outcome::Err, c) => {
+                    consecutive_errors += 1;
+                    if consecutive_errors >= timing.fault_after && st.state == LineState::Running {
+                        st.state = LineState::Faulted;
+                        st.error_code = c.unwrap_or(ErrCause::Inference) as u16;
+                        log::error!(
+                            "{consecutive_errors} parts in a row without a verdict (last: {:?}): line Faulted",
+                            c
+                        );
+                    }
+                }
+                _ => consecutive_errors = 0,
+            }
             for s in sinks.iter_mut() {
                 s.emit(&rec);
             }
@@ -474,4 +570,127 @@ mod tests {
         assert_eq!(v[0].cause, Some(ErrCause::NotRunning));
         assert_eq!(v[1].outcome, Outcome::Ok);
     }
+}
+
+#[cfg(test)]
+mod fault_tests {
+    use super::*;
+
+    /// A stage whose parts take `delay` and whose self-test result is set by the test.
+    struct Slow {
+        delay: Duration,
+        self_tests: Arc<Mutex<Vec<bool>>>,
+        self_test_ok: Arc<Mutex<bool>>,
+    }
+    impl Stage for Slow {
+        fn inspect(&mut self, _tag: u32) -> StageResult {
+            std::thread::sleep(self.delay);
+            Ok((0.1, false))
+        }
+        fn self_test(&mut self) -> Result<(), u16> {
+            let ok = *self.self_test_ok.lock().unwrap();
+            self.self_tests.lock().unwrap().push(ok);
+            if ok {
+                Ok(())
+            } else {
+                Err(code::SELF_TEST)
+            }
+        }
+    }
+
+    fn wait_for(h: &LineHandle, f: impl Fn(&Status) -> bool) -> Status {
+        let t = Instant::now();
+        loop {
+            let s = h.status();
+            if f(&s) || t.elapsed() > Duration::from_secs(5) {
+                return s;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// M1: every part missing its deadline used to leave the line Running with ERROR_CODE 0.
+    /// Now `fault_after` deadline ERRs in a row fault it with the deadline's code, and
+    /// FAULT_ACK returns to Running only through a new self-test that passes.
+    #[test]
+    fn sustained_deadline_errors_fault_the_line_and_fault_ack_runs_a_self_test() {
+        let self_tests = Arc::new(Mutex::new(Vec::new()));
+        let ok = Arc::new(Mutex::new(true));
+        let stage = Slow {
+            delay: Duration::from_millis(60),
+            self_tests: self_tests.clone(),
+            self_test_ok: ok.clone(),
+        };
+        let timing = LineTiming {
+            deadline: Duration::from_millis(20),
+            fifo: 8,
+            auto_online: true,
+            fault_after: 3,
+        };
+        let (h, join) = start(timing, Box::new(stage), vec![], Status::default());
+        h.request_self_test();
+        let s = wait_for(&h, |s| s.state == LineState::Running);
+        assert_eq!(s.state, LineState::Running);
+        for _ in 0..4 {
+            h.trigger();
+            std::thread::sleep(Duration::from_millis(30));
+        }
+        let s = wait_for(&h, |s| s.state == LineState::Faulted);
+        assert_eq!(s.state, LineState::Faulted);
+        assert_eq!(s.error_code, ErrCause::Deadline as u16);
+        // A failing self-test keeps it Faulted.
+        *ok.lock().unwrap() = false;
+        std::thread::sleep(Duration::from_millis(300)); // the stage finishes its queue
+        h.command(Command::FaultAck);
+        let s = wait_for(&h, |s| {
+            s.state == LineState::Faulted && self_tests.lock().unwrap().len() == 2
+        });
+        assert_eq!(
+            (s.state, s.error_code),
+            (LineState::Faulted, code::SELF_TEST)
+        );
+        *ok.lock().unwrap() = true;
+        h.command(Command::FaultAck);
+        let s = wait_for(&h, |s| s.state == LineState::Running);
+        assert_eq!((s.state, s.error_code), (LineState::Running, 0));
+        assert_eq!(*self_tests.lock().unwrap(), vec![true, false, true]);
+        h.shutdown();
+        join.join().unwrap();
+    }
+
+    /// M2: a vanished port faults the line (error 0x0502); FAULT_ACK is refused while it is
+    /// gone and accepted (through the self-test) once it is back.
+    #[test]
+    fn a_lost_port_faults_the_line_until_it_is_back_and_acknowledged() {
+        let stage = Slow {
+            delay: Duration::ZERO,
+            self_tests: Arc::default(),
+            self_test_ok: Arc::new(Mutex::new(true)),
+        };
+        let (h, join) = start(TIMING_FAST, Box::new(stage), vec![], Status::default());
+        h.request_self_test();
+        wait_for(&h, |s| s.state == LineState::Running);
+        h.port_lost(true);
+        let s = wait_for(&h, |s| s.state == LineState::Faulted);
+        assert_eq!(
+            (s.state, s.error_code),
+            (LineState::Faulted, code::SERIAL_LOST)
+        );
+        h.command(Command::FaultAck);
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(h.status().state, LineState::Faulted);
+        h.port_lost(false);
+        h.command(Command::FaultAck);
+        let s = wait_for(&h, |s| s.state == LineState::Running);
+        assert_eq!(s.state, LineState::Running);
+        h.shutdown();
+        join.join().unwrap();
+    }
+
+    const TIMING_FAST: LineTiming = LineTiming {
+        deadline: Duration::from_millis(200),
+        fifo: 4,
+        auto_online: true,
+        fault_after: 3,
+    };
 }

@@ -5,16 +5,25 @@
 //! - [`status`]: counters, states and the Modbus register image;
 //! - [`modbus`]: Modbus PDU logic, RTU framing, CRCs;
 //! - [`server`]: Modbus TCP and RTU servers and the serial ASCII protocol;
-//! - [`config`] and [`daemon`]: `edge-ad run --config line.toml`.
+//! - [`sinks`]: outputs on their own threads behind bounded queues, the results log;
+//! - [`config`] and [`daemon`]: `edge-ad run --config line.toml`;
+//! - [`camera`], [`pixels`], [`gpio`], [`pinmux`], [`notify`]: V4L2, GPIO, systemd.
+//!
+//! The inspection itself (model, bank, verdict) is the `edge-ad-runtime` library's; this crate
+//! only connects it to a line.
 
 pub mod arbiter;
 pub mod camera;
 pub mod config;
 pub mod daemon;
+pub mod error;
 pub mod gpio;
 pub mod modbus;
 pub mod notify;
 pub mod pinmux;
 pub mod pixels;
 pub mod server;
+pub mod sinks;
 pub mod status;
+
+pub use error::{LineError, Result};

@@ -124,6 +124,9 @@ pub fn handle_pdu(pdu: &[u8], regs: &Registers, mut apply: impl FnMut(Write)) ->
             if !Registers::writable(addr) {
                 return exception(fc, ILLEGAL_ADDRESS);
             }
+            if !Registers::command_value(value) {
+                return exception(fc, ILLEGAL_VALUE);
+            }
             apply(Write::Register(addr, value));
             pdu.to_vec()
         }
@@ -155,6 +158,9 @@ pub fn handle_pdu(pdu: &[u8], regs: &Registers, mut apply: impl FnMut(Write)) ->
                 if (0..count).any(|i| !Registers::writable(start.wrapping_add(i as u16))) {
                     return exception(fc, ILLEGAL_ADDRESS);
                 }
+                if (0..count).any(|i| !Registers::command_value(be16(&data[2 * i..]))) {
+                    return exception(fc, ILLEGAL_VALUE);
+                }
                 for i in 0..count {
                     apply(Write::Register(start + i as u16, be16(&data[2 * i..])));
                 }
@@ -168,15 +174,54 @@ pub fn handle_pdu(pdu: &[u8], regs: &Registers, mut apply: impl FnMut(Write)) ->
     }
 }
 
-/// Length of the RTU request frame starting at `buf[0]` (address, function, …, CRC), if the
-/// bytes so far determine it.
-fn rtu_request_len(buf: &[u8]) -> Option<usize> {
-    let fc = *buf.get(1)?;
+/// What the bytes at the start of `buf` say about the RTU request frame there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FrameLen {
+    /// Too few bytes to tell.
+    Unknown,
+    /// A frame of this many bytes (address, function, …, CRC).
+    Bytes(usize),
+    /// No request can start here (a 15/16 header whose counts disagree): resynchronise.
+    Impossible,
+}
+
+/// Length of the RTU request frame starting at `buf[0]`. A function 15/16 header is checked
+/// before its byte count is trusted (count in range, byte count equal to what the count needs),
+/// so that garbage cannot make the decoder wait for a long frame (line-side.md §5.1).
+fn rtu_request_len(buf: &[u8]) -> FrameLen {
+    let Some(&fc) = buf.get(1) else {
+        return FrameLen::Unknown;
+    };
     match fc {
-        1..=6 => Some(8),
-        15 | 16 => buf.get(6).map(|&n| 9 + n as usize),
-        // Unknown function: assume the common 8-byte shape; a CRC match gets exception 01.
-        _ => Some(8),
+        15 | 16 => {
+            let (Some(c), Some(&n)) = (buf.get(4..6), buf.get(6)) else {
+                return FrameLen::Unknown;
+            };
+            let count = u16::from_be_bytes([c[0], c[1]]) as usize;
+            let ok = if fc == 15 {
+                (1..=1968).contains(&count) && n as usize == count.div_ceil(8)
+            } else {
+                (1..=123).contains(&count) && n as usize == 2 * count
+            };
+            if ok {
+                FrameLen::Bytes(9 + n as usize)
+            } else {
+                FrameLen::Impossible
+            }
+        }
+        // Functions 1–6 and unknown ones: the common 8-byte shape; a CRC match of an unknown
+        // function gets exception 01.
+        _ => FrameLen::Bytes(8),
+    }
+}
+
+/// True when a complete request with a good CRC starts at `buf[0]`.
+fn complete_frame_at(buf: &[u8]) -> Option<usize> {
+    match rtu_request_len(buf) {
+        FrameLen::Bytes(len) if buf.len() >= len => {
+            (buf[len - 2..len] == crc16(&buf[..len - 2]).to_le_bytes()).then_some(len)
+        }
+        _ => None,
     }
 }
 
@@ -215,33 +260,48 @@ impl RtuDecoder {
     }
 
     /// The next event, if the buffered bytes give one.
+    ///
+    /// While the frame at the head is still incomplete, the bytes behind it are searched for a
+    /// complete request with a good CRC: when one is there, the head was garbage that only
+    /// looked like a frame start, and it is dropped instead of swallowing the real request.
     pub fn next_event(&mut self) -> Option<RtuEvent> {
         let mut dropped = 0;
+        let skip = |buf: &mut Vec<u8>, dropped: &mut usize, n: usize| {
+            buf.drain(..n);
+            *dropped += n;
+        };
         loop {
             if self.buf.len() < 4 {
                 return (dropped > 0).then_some(RtuEvent::Dropped(dropped));
             }
-            let Some(len) = rtu_request_len(&self.buf) else {
-                return (dropped > 0).then_some(RtuEvent::Dropped(dropped));
-            };
-            if len > 256 {
-                self.buf.remove(0);
-                dropped += 1;
-                continue;
-            }
-            if self.buf.len() < len {
-                return (dropped > 0).then_some(RtuEvent::Dropped(dropped));
-            }
-            let crc = crc16(&self.buf[..len - 2]);
-            if self.buf[len - 2..len] == crc.to_le_bytes() {
-                if dropped > 0 {
-                    return Some(RtuEvent::Dropped(dropped));
+            match rtu_request_len(&self.buf) {
+                FrameLen::Impossible => {
+                    skip(&mut self.buf, &mut dropped, 1);
+                    continue;
                 }
-                let frame: Vec<u8> = self.buf.drain(..len).collect();
-                return Some(RtuEvent::Request(frame[0], frame[1..len - 2].to_vec()));
+                FrameLen::Bytes(len) if self.buf.len() >= len => {
+                    if complete_frame_at(&self.buf).is_some() {
+                        if dropped > 0 {
+                            return Some(RtuEvent::Dropped(dropped));
+                        }
+                        let frame: Vec<u8> = self.buf.drain(..len).collect();
+                        return Some(RtuEvent::Request(frame[0], frame[1..len - 2].to_vec()));
+                    }
+                    skip(&mut self.buf, &mut dropped, 1);
+                    continue;
+                }
+                FrameLen::Unknown | FrameLen::Bytes(_) => {
+                    // Incomplete head: a complete request further on proves it garbage.
+                    match (1..self.buf.len()).find(|&i| complete_frame_at(&self.buf[i..]).is_some())
+                    {
+                        Some(i) => {
+                            skip(&mut self.buf, &mut dropped, i);
+                            continue;
+                        }
+                        None => return (dropped > 0).then_some(RtuEvent::Dropped(dropped)),
+                    }
+                }
             }
-            self.buf.remove(0);
-            dropped += 1;
         }
     }
 }
@@ -298,5 +358,54 @@ mod tests {
             d.next_event(),
             Some(RtuEvent::Request(7, vec![16, 0, 100, 0, 1, 2, 0, 1]))
         );
+    }
+
+    /// M7: garbage that starts like a function 16 frame with a large byte count must not hold
+    /// back the valid request right behind it.
+    #[test]
+    fn garbage_that_looks_like_a_long_frame_does_not_swallow_the_next_request() {
+        let good = rtu_frame(1, &[4, 0, 0, 0, 2]);
+        for garbage in [
+            // Consistent header (count 100, 200 bytes) that never completes.
+            vec![0x01, 0x10, 0x00, 0x64, 0x00, 0x64, 0xC8],
+            // Inconsistent header (count 1, byte count 250).
+            vec![0x01, 0x10, 0x00, 0x64, 0x00, 0x01, 0xFA],
+            vec![0x05, 0x0F, 0x00, 0x00, 0x07, 0xB0, 0xF6],
+        ] {
+            let mut d = RtuDecoder::default();
+            d.push(&garbage);
+            d.push(&good);
+            let mut requests = Vec::new();
+            while let Some(e) = d.next_event() {
+                if let RtuEvent::Request(u, p) = e {
+                    requests.push((u, p));
+                }
+            }
+            assert_eq!(requests, vec![(1, vec![4, 0, 0, 0, 2])], "{garbage:02x?}");
+        }
+    }
+
+    /// COMMAND takes 1–4 only; 101 is no register (it used to answer OK and do nothing).
+    #[test]
+    fn command_register_refuses_unknown_values_and_addresses() {
+        let regs = crate::status::Status::default().registers();
+        let mut writes = Vec::new();
+        assert_eq!(
+            handle_pdu(&[6, 0, 100, 0, 2], &regs, |w| writes.push(w)),
+            vec![6, 0, 100, 0, 2]
+        );
+        assert_eq!(
+            handle_pdu(&[6, 0, 100, 0, 9], &regs, |w| writes.push(w)),
+            vec![0x86, 3]
+        );
+        assert_eq!(
+            handle_pdu(&[6, 0, 101, 0, 1], &regs, |w| writes.push(w)),
+            vec![0x86, 2]
+        );
+        assert_eq!(
+            handle_pdu(&[3, 0, 101, 0, 1], &regs, |w| writes.push(w)),
+            vec![0x83, 2]
+        );
+        assert_eq!(writes, vec![Write::Register(100, 2)]);
     }
 }

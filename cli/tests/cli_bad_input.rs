@@ -360,3 +360,150 @@ fn device_cuda_without_a_gpu_is_a_clear_error_and_auto_falls_back() {
     let err = fails(&["demo", "--device", "tpu"]);
     assert!(err.contains("tpu"), "{err}");
 }
+
+/// A demo bank calibrated into `dir`.
+fn demo_bank(dir: &Path) -> PathBuf {
+    let b = dir.join("demo.eab");
+    ok(&[
+        "calibrate",
+        "--model",
+        s(&demo_model()),
+        "--refs",
+        "4",
+        "--images",
+        s(&root().join("demo/images/good")),
+        "--out",
+        s(&b),
+    ]);
+    b
+}
+
+/// `src` rewritten as a hand editor would: header JSON and payload edited, the header length
+/// and the trailing SHA-256 recomputed, so that only the reader's own checks can refuse it.
+fn edited_bank(
+    src: &Path,
+    dst: &Path,
+    header: impl FnOnce(&mut serde_json::Value),
+    payload: impl FnOnce(&mut Vec<u8>),
+) {
+    use sha2::Digest;
+    let bytes = std::fs::read(src).unwrap();
+    let hlen = u64::from_le_bytes(bytes[12..20].try_into().unwrap()) as usize;
+    let mut h: serde_json::Value = serde_json::from_slice(&bytes[20..20 + hlen]).unwrap();
+    let mut p = bytes[20 + hlen..bytes.len() - 32].to_vec();
+    header(&mut h);
+    payload(&mut p);
+    let hb = serde_json::to_vec(&h).unwrap();
+    let mut out = bytes[..12].to_vec();
+    out.extend((hb.len() as u64).to_le_bytes());
+    out.extend(hb);
+    out.extend(p);
+    let sum = sha2::Sha256::digest(&out);
+    out.extend(sum);
+    std::fs::write(dst, out).unwrap();
+}
+
+/// H3/H4 through the binary: a bank whose header claims a huge row count (checksum valid) used
+/// to panic (exit 101) in `inspect` and `run`; one whose features are NaN made `inspect` print
+/// `score -inf OK` for every part, defects included, and exit 0. Both are refused now, naming
+/// the file.
+#[test]
+fn hostile_banks_are_refused_by_inspect_and_run() {
+    let t = tempfile::tempdir().unwrap();
+    let good = demo_bank(t.path());
+    let huge = t.path().join("huge.eab");
+    edited_bank(
+        &good,
+        &huge,
+        |h| {
+            let levels = h["levels"].as_array_mut().expect("header has levels");
+            levels[0]["rows"] = serde_json::json!(u64::MAX / 2);
+        },
+        |_| {},
+    );
+    let nan = t.path().join("nan.eab");
+    edited_bank(&good, &nan, |_| {}, |p| p[..4].copy_from_slice(&[0xFF; 4]));
+    let part = root().join("demo/images/test/stain/plate_00.png");
+    for (bank, want) in [(&huge, "rows"), (&nan, "non-finite")] {
+        let err = fails(&[
+            "inspect",
+            "--model",
+            s(&demo_model()),
+            "--bank",
+            s(bank),
+            s(&part),
+        ]);
+        assert!(err.contains(s(bank)) && err.contains(want), "{err}");
+        let cfg = t.path().join("line.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "[model]\nmodel = {:?}\nbank = {:?}\n[source]\nkind = \"file\"\npath = {:?}\n[trigger]\nkind = \"free_run\"\nrate_hz = 10\ncount = 1\n",
+                s(&demo_model()),
+                s(bank),
+                s(&part)
+            ),
+        )
+        .unwrap();
+        let err = fails(&["run", "--config", s(&cfg)]);
+        assert!(err.contains(s(bank)) && err.contains(want), "{err}");
+    }
+}
+
+/// L2: `--refs 18446744073709551615` overflowed the pool check, exited 0 and wrote a bank with
+/// no held-out image.
+#[test]
+fn an_absurd_reference_count_is_refused() {
+    let t = tempfile::tempdir().unwrap();
+    let out = t.path().join("b.eab");
+    let err = fails(&[
+        "calibrate",
+        "--model",
+        s(&demo_model()),
+        "--refs",
+        "18446744073709551615",
+        "--images",
+        s(&root().join("demo/images/good")),
+        "--out",
+        s(&out),
+    ]);
+    assert!(err.contains("18446744073709551615"), "{err}");
+    assert!(!out.exists());
+}
+
+/// `--fit crop` on a model whose resize is below its input size used to underflow; it is
+/// refused by name now, like the same fit in the description.
+#[test]
+fn a_fit_override_the_model_cannot_take_is_refused() {
+    let t = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(demo_model()).unwrap();
+    let onnx = root().join("demo/efficientnet-lite0-ad.onnx");
+    let m = t.path().join("m.toml");
+    std::fs::write(
+        &m,
+        text.replace("resize = 224", "resize = 200").replace(
+            "onnx = \"efficientnet-lite0-ad.onnx\"",
+            &format!("onnx = {:?}", s(&onnx)),
+        ),
+    )
+    .unwrap();
+    let out = t.path().join("crop.eab");
+    let err = fails(&[
+        "calibrate",
+        "--model",
+        s(&m),
+        "--fit",
+        "crop",
+        "--refs",
+        "2",
+        "--images",
+        s(&root().join("demo/images/good")),
+        "--out",
+        s(&out),
+    ]);
+    assert!(!out.exists());
+    assert!(
+        err.contains("--fit crop") && err.contains("input.resize"),
+        "{err}"
+    );
+}

@@ -3,7 +3,7 @@
 //! `row × stride`; a payload shorter than the format needs is an error (the tag becomes ERR), as is
 //! an MJPEG frame without the JPEG start marker.
 
-use crate::preprocess::Rgb8;
+use edge_ad::preprocess::Rgb8;
 
 /// Pixel formats a camera may deliver.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
@@ -245,6 +245,7 @@ fn decode_mjpeg(data: &[u8]) -> Result<Rgb8, String> {
     if data.len() < 4 || data[0] != 0xFF || data[1] != 0xD8 {
         return Err("MJPEG frame without the JPEG start marker FF D8".into());
     }
+    edge_ad::preprocess::jpeg_complete(data).map_err(|e| format!("MJPEG frame: {e}"))?;
     let fixed = with_huffman_tables(data);
     let bytes = fixed.as_deref().unwrap_or(data);
     let img = image::load_from_memory_with_format(bytes, image::ImageFormat::Jpeg)

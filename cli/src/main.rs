@@ -1,0 +1,856 @@
+//! `edge-ad`: the command-line shell over the edge-ad library. Every command is a thin user of
+//! [`edge_ad::Pipeline`]; no stage of the pipeline lives here.
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use edge_ad::bench::{self, BenchOptions};
+use edge_ad::eval::{self, EvalOptions, EvalRow};
+use edge_ad::heatmap::{self, Scale};
+use edge_ad::images::list_images;
+use edge_ad::inspector::{calibrate, CalibrateOptions, Inspector, LevelChoice};
+use edge_ad::{Device, Fit, Pipeline, PipelineOptions, Rgb8};
+use edge_ad_calibration::{Selection, ThresholdRule};
+use edge_ad_kernels::BankDtype;
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+/// Line-side visual inspection: a frozen backbone, a bank of good parts, and a score per part.
+#[derive(Parser, Debug)]
+#[command(name = "edge-ad", version, about, long_about = None)]
+struct Cli {
+    /// Log level (error, warn, info, debug, trace); RUST_LOG overrides it.
+    #[arg(long, global = true, default_value = "warn")]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Options that choose and load the model, shared by every command.
+#[derive(Args, Debug, Clone)]
+struct ModelArgs {
+    /// Model description (TOML), e.g. models/dinov2-s.toml.
+    #[arg(long)]
+    model: PathBuf,
+    /// ONNX file, overriding the description's `onnx` path.
+    #[arg(long)]
+    onnx: Option<PathBuf>,
+    /// ADPretrain projector weights (safetensors with the authors' keys); without it frames are
+    /// scored by FeatureNorm on the raw residuals.
+    #[arg(long)]
+    projector: Option<PathBuf>,
+    /// Threads shared by the backbone and the kernels (0 = all cores).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// How frames are fitted to the network input: crop | stretch | pad | tile (overrides the
+    /// description).
+    #[arg(long)]
+    fit: Option<Fit>,
+    /// Where residual search, projector and scoring run: cpu | cuda | auto (CUDA when usable, else CPU).
+    #[arg(long, default_value = "auto")]
+    device: Device,
+}
+
+impl ModelArgs {
+    fn options(&self) -> PipelineOptions {
+        PipelineOptions {
+            model: self.model.clone(),
+            onnx: self.onnx.clone(),
+            projector: self.projector.clone(),
+            threads: self.threads,
+            fit: self.fit,
+            device: self.device,
+        }
+    }
+    fn load(&self) -> Result<Pipeline> {
+        Pipeline::load(&self.options()).context("cannot load the model")
+    }
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Offline demo on the bundled model and images: calibrate on 4 good parts, inspect 11 test
+    /// parts (3 good, 8 with scratches, spots, stains, cracks), print verdicts, write heatmaps.
+    Demo(DemoArgs),
+    /// Build a reference bank from good parts and set the decision threshold.
+    ///
+    /// Computes the features of every image of --images (the pool), chooses --refs references
+    /// from it (--select: k-means over a global descriptor by default, or first, random; or exactly
+    /// those of --refs-list), scores every other pool image against the bank and every reference
+    /// against the bank of the others (leave-one-out), and sets the threshold from those normal
+    /// scores (--rule; default max × 1.05). With --defects (a few known-bad parts) the threshold
+    /// is placed between the classes and the separation reported. --levels chooses the scored
+    /// levels (auto: from data). The bank is written atomically; a report (histogram, contact
+    /// sheet, heatmaps, summary) goes next to it.
+    Calibrate(CalibrateArgs),
+    /// Score images against a bank: path, score, verdict (OK/NG) and time per stage.
+    ///
+    /// Directories are walked recursively (sorted, image files only). An image that cannot be read
+    /// is reported as ERR and the command exits with status 2 after the others.
+    Inspect(InspectArgs),
+    /// Image AUROC, pixel AUROC, AUPRO (FPR ≤ 0.3) and F1-max on an MVTec-layout data set.
+    ///
+    /// --data holds train/good (the reference pool), test/<type> (good and defect types) and
+    /// ground_truth/<type>/<stem>_mask.png. Every combination of --fit, --select and --levels
+    /// (each a comma-separated list; --levels sets separated by `;`) is evaluated, features
+    /// computed once per framing. Prints a table (or --json, one object per combination).
+    Eval(EvalArgs),
+    /// The line daemon: triggers in, verdicts out (Modbus TCP/RTU, serial ASCII, result log),
+    /// fail-safe: a part is passed only when it was inspected OK within its deadline.
+    ///
+    /// Loads the model and bank named in --config, opens the configured I/O, self-tests on the
+    /// first source frame, then inspects every trigger. SIGTERM/SIGINT drain the parts in flight
+    /// (each still gets a verdict) and exit 0. docs/line.md documents the config, the states and
+    /// the Modbus register map.
+    Run(RunArgs),
+    /// Check that the line config's GPIO header pins are muxed as GPIO (JetPack 6; needs root).
+    ///
+    /// Reads each header pin's pad control (PADCTL) register through /dev/mem: an output must be
+    /// GPIO with its driver on, the trigger input GPIO with its input buffer on. A pin that is
+    /// not gets an E_PINMUX message saying how to fix it. The report (JSON, written atomically)
+    /// is what the unprivileged `edge-ad run` reads in its self-test: the systemd unit runs this
+    /// as its privileged ExecStartPre. Exit 1 when a pin is not muxed for its use.
+    PinmuxCheck(PinmuxCheckArgs),
+    /// Print an example line config for a board profile (its default header pins, a camera,
+    /// Modbus TCP): a start for /etc/edge-ad/line.toml.
+    ExampleConfig(ExampleConfigArgs),
+    /// List the V4L2 capture devices with their pixel formats, sizes and frame rates.
+    Cameras,
+    /// Time the pipeline per stage on real images and compare the kernels with this machine's SGEMM.
+    ///
+    /// The first --refs images of --images (sorted) build the bank; the others are cycled as
+    /// frames. Prints medians over at least 20 frames after warm-up.
+    Bench(BenchArgs),
+}
+
+/// Arguments of `edge-ad demo`.
+#[derive(Args, Debug)]
+struct DemoArgs {
+    /// Folder for the bank and the heatmaps.
+    #[arg(long, default_value = "edge-ad-demo")]
+    out: PathBuf,
+    /// Bundled demo folder (default: found next to the binary or in the source tree).
+    #[arg(long)]
+    demo_dir: Option<PathBuf>,
+    /// Threads (0 = all cores).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// Where residual search, projector and scoring run: cpu | cuda | auto.
+    #[arg(long, default_value = "auto")]
+    device: Device,
+    /// One JSON object per part (full-precision score), then a summary object.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Arguments of `edge-ad calibrate`.
+#[derive(Args, Debug)]
+struct CalibrateArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Reference images in the bank.
+    #[arg(long, default_value_t = 8)]
+    refs: usize,
+    /// File listing the exact reference images, one path per line (relative to the file).
+    #[arg(long)]
+    refs_list: Option<PathBuf>,
+    /// Reference selection from the pool: kmeans | first | random | aligned (the K pool images
+    /// nearest each frame, chosen at inspection; the bank file keeps the whole pool).
+    #[arg(long, default_value = "kmeans")]
+    select: Selection,
+    /// Seed of random / k-means selection and of synthetic defects.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Levels scored: model (the description's score.levels) | all | auto | a list like 2,3.
+    #[arg(long, default_value = "model")]
+    levels: LevelChoice,
+    /// Folder of known-bad parts: the threshold goes between the classes.
+    #[arg(long)]
+    defects: Option<PathBuf>,
+    /// Threshold rule: max*MARGIN | mean+Ksigma | quantile:BUDGET (e.g. quantile:0.01).
+    #[arg(long, conflicts_with_all = ["margin", "sigma"])]
+    rule: Option<ThresholdRule>,
+    /// Folder for the calibration report (default: the bank's path with `.report`).
+    #[arg(long)]
+    report: Option<PathBuf>,
+    /// Folder of normal (good) images, walked recursively.
+    #[arg(long)]
+    images: PathBuf,
+    /// Bank file to write.
+    #[arg(long)]
+    out: PathBuf,
+    /// Bank precision: f16 (default) or f32.
+    #[arg(long, default_value = "f16", value_parser = parse_dtype)]
+    bank_dtype: BankDtype,
+    /// Threshold = max normal score × MARGIN.
+    #[arg(long, conflicts_with = "sigma")]
+    margin: Option<f64>,
+    /// Threshold = mean + SIGMA × standard deviation of the normal scores.
+    #[arg(long)]
+    sigma: Option<f64>,
+}
+
+/// Arguments of `edge-ad inspect`.
+#[derive(Args, Debug)]
+struct InspectArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Bank file from `edge-ad calibrate`.
+    #[arg(long)]
+    bank: PathBuf,
+    /// One JSON object per image per line.
+    #[arg(long)]
+    json: bool,
+    /// Write `<stem>.png`: the frame with the anomaly map over it and the score.
+    #[arg(long)]
+    heatmap: Option<PathBuf>,
+    /// Write `<stem>.safetensors` with `map` (H×W f32) and `score`.
+    #[arg(long)]
+    dump: Option<PathBuf>,
+    /// Images or folders.
+    #[arg(required = true)]
+    inputs: Vec<PathBuf>,
+}
+
+/// Arguments of `edge-ad eval`.
+#[derive(Args, Debug)]
+struct EvalArgs {
+    /// Model description (TOML).
+    #[arg(long)]
+    model: PathBuf,
+    /// ONNX file, overriding the description's.
+    #[arg(long)]
+    onnx: Option<PathBuf>,
+    /// ADPretrain projector weights (safetensors).
+    #[arg(long)]
+    projector: Option<PathBuf>,
+    /// Threads (0 = all cores).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// Where residual search, projector and scoring run: cpu | cuda | auto.
+    #[arg(long, default_value = "auto")]
+    device: Device,
+    /// References per bank.
+    #[arg(long, default_value_t = 8)]
+    refs: usize,
+    /// Data set root.
+    #[arg(long)]
+    data: PathBuf,
+    /// Framings, comma-separated (default: the description's).
+    #[arg(long, value_delimiter = ',')]
+    fit: Vec<Fit>,
+    /// Reference selections, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "kmeans")]
+    select: Vec<Selection>,
+    /// Level sets separated by `;`: model | all | auto | a list like 2,3.
+    #[arg(long, value_delimiter = ';', default_value = "model")]
+    levels: Vec<LevelChoice>,
+    /// Seed of random / k-means selection.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Bank precision: f16 (default) or f32.
+    #[arg(long, default_value = "f16", value_parser = parse_dtype)]
+    bank_dtype: BankDtype,
+    /// One JSON object per combination instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Also print per-defect-type rows.
+    #[arg(long)]
+    per_type: bool,
+}
+
+/// Arguments of `edge-ad run`.
+#[derive(Args, Debug)]
+struct RunArgs {
+    /// Line config (TOML), e.g. examples/line-demo.toml.
+    #[arg(long)]
+    config: PathBuf,
+}
+
+/// Arguments of `edge-ad pinmux-check`.
+#[derive(Args, Debug)]
+struct PinmuxCheckArgs {
+    /// Line config (TOML).
+    #[arg(long)]
+    config: PathBuf,
+    /// Report to write.
+    #[arg(long, default_value = edge_ad_line::pinmux::DEFAULT_REPORT)]
+    out: PathBuf,
+    /// Physical memory device (a file in tests).
+    #[arg(long, default_value = "/dev/mem", hide = true)]
+    mem: PathBuf,
+}
+
+/// Arguments of `edge-ad example-config`.
+#[derive(Args, Debug)]
+struct ExampleConfigArgs {
+    /// Board profile: orin-nano, orin-nx, agx-orin, xavier-nx, agx-xavier, x86-nvidia,
+    /// cpu-only.
+    #[arg(long)]
+    board: String,
+}
+
+/// Arguments of `edge-ad bench`.
+#[derive(Args, Debug)]
+struct BenchArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Reference images in the bank.
+    #[arg(long, default_value_t = 8)]
+    refs: usize,
+    /// Folder of images (walked recursively).
+    #[arg(long)]
+    images: PathBuf,
+    /// Timed frames (at least 20).
+    #[arg(long, default_value_t = 20)]
+    frames: usize,
+    /// Untimed warm-up frames.
+    #[arg(long, default_value_t = 3)]
+    warmup: usize,
+    /// Bank precision: f16 (default) or f32.
+    #[arg(long, default_value = "f16", value_parser = parse_dtype)]
+    bank_dtype: BankDtype,
+    /// One JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_dtype(s: &str) -> Result<BankDtype, String> {
+    match s {
+        "f16" => Ok(BankDtype::F16),
+        "f32" => Ok(BankDtype::F32),
+        other => Err(format!("`{other}`: expected f16 or f32")),
+    }
+}
+
+fn main() -> ExitCode {
+    // Die quietly on a closed pipe (`edge-ad inspect … | head`) like other Unix tools, instead of
+    // Rust's default of ignoring SIGPIPE and panicking in println!.
+    // SAFETY: restoring the default disposition of one signal before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+    let cli = Cli::parse();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(&cli.log)).init();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("edge-ad: error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// A one-line progress indicator on stderr, only when stderr is a terminal.
+fn progress_line() -> impl FnMut(&str, usize, usize) {
+    let tty = std::io::stderr().is_terminal();
+    move |what: &str, done: usize, total: usize| {
+        if tty {
+            let width = 30;
+            let filled = (done * width)
+                .checked_div(total)
+                .unwrap_or(width)
+                .min(width);
+            eprint!(
+                "\r{what:<24} [{}{}] {done}/{total}",
+                "#".repeat(filled),
+                " ".repeat(width - filled)
+            );
+            if done == total {
+                eprintln!();
+            }
+            let _ = std::io::stderr().flush();
+        }
+    }
+}
+
+fn stem(p: &Path) -> String {
+    p.file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "image".into())
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Demo(args) => cmd_demo(args),
+        Command::Calibrate(args) => cmd_calibrate(args),
+        Command::Inspect(args) => cmd_inspect(args),
+        Command::Cameras => {
+            cmd_cameras();
+            Ok(())
+        }
+        Command::ExampleConfig(args) => cmd_example_config(args),
+        Command::PinmuxCheck(args) => cmd_pinmux_check(args),
+        Command::Run(args) => cmd_run(args),
+        Command::Eval(args) => cmd_eval(args),
+        Command::Bench(args) => cmd_bench(args),
+    }
+}
+
+fn cmd_demo(args: DemoArgs) -> Result<()> {
+    let DemoArgs {
+        out,
+        demo_dir,
+        threads,
+        device,
+        json,
+    } = args;
+    let dir = match demo_dir {
+        Some(d) => d,
+        None => edge_ad::demo::find_demo_dir()
+            .context("bundled demo not found (set --demo-dir or EDGE_AD_DEMO_DIR)")?,
+    };
+    let dir = std::fs::canonicalize(&dir).with_context(|| format!("{}", dir.display()))?;
+    let good = dir.join("images/good");
+    if !json {
+        println!(
+            "edge-ad demo: calibrating on {} good parts of {}",
+            edge_ad::demo::DEMO_REFS,
+            good.display()
+        );
+    }
+    let summary = edge_ad::demo::run_demo(&dir, &out, threads, device, |p| {
+        let shown = p.path.strip_prefix(&dir).unwrap_or(&p.path);
+        if json {
+            let line = serde_json::json!({
+                "image": shown, "score": p.score, "verdict": p.verdict.to_string(),
+                "expected": p.expected.to_string(), "ms": p.ms,
+            });
+            println!("{line}");
+            return;
+        }
+        let mark = if p.verdict == p.expected {
+            ""
+        } else {
+            "   <-- expected "
+        };
+        let exp = if p.verdict == p.expected {
+            String::new()
+        } else {
+            p.expected.to_string()
+        };
+        println!(
+            "{:<36} score {:>7.3}  {}  {:>5.1} ms{mark}{exp}",
+            shown.display(),
+            p.score,
+            p.verdict,
+            p.ms
+        );
+    })?;
+    let ng = summary
+        .parts
+        .iter()
+        .filter(|p| p.verdict == edge_ad::inspector::Verdict::Ng)
+        .count();
+    if json {
+        let line = serde_json::json!({
+            "demo": dir, "parts": summary.parts.len(), "ng": ng,
+            "threshold": summary.threshold, "correct": summary.correct(),
+            "bank": summary.bank,
+        });
+        println!("{line}");
+        return Ok(());
+    }
+    println!(
+        "{} parts: {} OK, {} NG (threshold {:.3}); {}/{} verdicts match the parts' folders",
+        summary.parts.len(),
+        summary.parts.len() - ng,
+        ng,
+        summary.threshold,
+        summary.correct(),
+        summary.parts.len()
+    );
+    println!(
+        "bank: {}   heatmaps: {}",
+        summary.bank.display(),
+        summary.heatmaps.display()
+    );
+    Ok(())
+}
+
+fn cmd_calibrate(args: CalibrateArgs) -> Result<()> {
+    let CalibrateArgs {
+        model,
+        refs,
+        refs_list,
+        select,
+        seed,
+        levels,
+        defects,
+        rule,
+        report: report_dir,
+        images,
+        out,
+        bank_dtype,
+        margin,
+        sigma,
+    } = args;
+    let rule = match (rule, margin, sigma) {
+        (Some(r), _, _) => r,
+        (None, _, Some(k)) => ThresholdRule::MeanPlusKSigma { k },
+        (None, Some(m), None) => ThresholdRule::MaxTimesMargin { margin: m },
+        (None, None, None) => ThresholdRule::default(),
+    };
+    // Fail before the long work if the bank cannot be written there.
+    let dir = out
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if !dir.is_dir() {
+        anyhow::bail!("{}: folder {} does not exist", out.display(), dir.display());
+    }
+    let mut pipeline = model.load()?;
+    let opts = CalibrateOptions {
+        images,
+        refs,
+        refs_list,
+        select,
+        seed,
+        levels,
+        defects,
+        bank_dtype,
+        rule,
+    };
+    let (file, report) = calibrate(&mut pipeline, &opts, progress_line())?;
+    let summary = edge_ad::report::summary(&file.header, &report);
+    print!("{summary}");
+    let rdir = report_dir.unwrap_or_else(|| {
+        let mut p = out.clone().into_os_string();
+        p.push(".report");
+        PathBuf::from(p)
+    });
+    edge_ad::report::save_with_bank(&file, &out, &rdir, &report, &summary)
+        .context("cannot write the bank and its calibration report")?;
+    println!("bank written: {} ({})", out.display(), bank_dtype.name());
+    println!("report: {}", rdir.display());
+    Ok(())
+}
+
+fn cmd_inspect(args: InspectArgs) -> Result<()> {
+    let InspectArgs {
+        model,
+        bank,
+        json,
+        heatmap: heat_dir,
+        dump,
+        inputs,
+    } = args;
+    let mut inspector = Inspector::load(&model.options(), &bank).context("cannot load the bank")?;
+    for d in heat_dir.iter().chain(dump.iter()) {
+        std::fs::create_dir_all(d)
+            .with_context(|| format!("{}: cannot create the folder", d.display()))?;
+    }
+    let mut files = Vec::new();
+    for i in &inputs {
+        files.extend(list_images(i)?);
+    }
+    if files.is_empty() {
+        anyhow::bail!(
+            "no image files in {}",
+            inputs
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    let th = inspector.header().threshold.clone();
+    let scale = Scale::for_threshold(th.normal_min, th.value);
+    let mut failures = 0usize;
+    let stdout = std::io::stdout();
+    for path in &files {
+        let result = Rgb8::open(path)
+            .map_err(anyhow::Error::from)
+            .and_then(|img| {
+                let (insp, verdict) = inspector.inspect(&img, path)?;
+                Ok((img, insp, verdict))
+            });
+        let mut out = stdout.lock();
+        match result {
+            Ok((img, insp, verdict)) => {
+                let t = insp.timings;
+                if json {
+                    let line = serde_json::json!({
+                        "path": path, "score": insp.score, "verdict": verdict,
+                        "threshold": th.value, "ms": t.total_ms, "timings": t,
+                    });
+                    writeln!(out, "{line}")?;
+                } else {
+                    writeln!(
+                            out,
+                            "{}  score {:.4}  {}  {:.1} ms (pre {:.1}, backbone {:.1} for {} pass{}, align {:.1}, residual {:.1}, projector {:.1}, score {:.1})",
+                            path.display(), insp.score, verdict, t.total_ms, t.preprocess_ms, t.backbone_ms,
+                            t.tiles, if t.tiles == 1 { "" } else { "es" }, t.align_ms,
+                            t.residual_ms, t.projector_ms, t.score_ms
+                        )?;
+                }
+                if let Some(d) = &heat_dir {
+                    let label = format!("{:.3} {verdict}", insp.score);
+                    let png = heatmap::render(&img, &insp, scale, &label);
+                    let p = d.join(format!("{}.png", stem(path)));
+                    edge_ad::report::save_png(&png, &p).context("cannot write the heatmap")?;
+                }
+                if let Some(d) = &dump {
+                    let p = d.join(format!("{}.safetensors", stem(path)));
+                    heatmap::write_dump(&p, &insp)?;
+                }
+            }
+            Err(e) => {
+                failures += 1;
+                if json {
+                    let line = serde_json::json!({"path": path, "verdict": "ERR", "error": format!("{e:#}")});
+                    writeln!(out, "{line}")?;
+                } else {
+                    writeln!(out, "{}  ERR  {e:#}", path.display())?;
+                }
+            }
+        }
+    }
+    if failures > 0 {
+        anyhow::bail!(
+            "{failures} of {} images could not be inspected",
+            files.len()
+        );
+    }
+    Ok(())
+}
+
+fn cmd_eval(args: EvalArgs) -> Result<()> {
+    let EvalArgs {
+        model,
+        onnx,
+        projector,
+        threads,
+        device,
+        refs,
+        data,
+        fit,
+        select,
+        levels,
+        seed,
+        bank_dtype,
+        json,
+        per_type,
+    } = args;
+    let base = PipelineOptions {
+        model,
+        onnx,
+        projector,
+        threads,
+        fit: None,
+        device,
+    };
+    let fits = if fit.is_empty() {
+        vec![edge_ad::ModelDescription::load(&base.model)?.desc.input.fit]
+    } else {
+        fit
+    };
+    let eo = EvalOptions {
+        data,
+        refs,
+        fits,
+        selections: select,
+        levels,
+        seed,
+        bank_dtype,
+    };
+    if !json {
+        println!(
+            "{:<8} {:<7} {:<10} {:>5} {:>7} {:>7} {:>7} {:>7}",
+            "fit", "select", "levels", "tiles", "I-AUROC", "P-AUROC", "AUPRO", "I-F1max"
+        );
+    }
+    let print_row = |r: &EvalRow| {
+        if json {
+            println!("{}", serde_json::to_string(r).unwrap_or_default());
+            return;
+        }
+        let lv = r
+            .levels
+            .iter()
+            .map(|l| l.to_string())
+            .collect::<Vec<_>>()
+            .join(",");
+        let line = |name: &str, m: &eval::Metrics| {
+            println!(
+                "{:<8} {:<7} {:<10} {:>5.2} {:>7.3} {:>7.3} {:>7.3} {:>7.3}",
+                name,
+                r.selection,
+                lv,
+                r.tiles_per_frame,
+                m.image_auroc,
+                m.pixel_auroc,
+                m.aupro,
+                m.image_f1_max
+            )
+        };
+        line(&r.fit, &r.overall);
+        if per_type {
+            for (k, m) in &r.per_type {
+                line(&format!("  {k}"), m);
+            }
+        }
+    };
+    eval::evaluate(&base, &eo, progress_line(), print_row)?;
+    Ok(())
+}
+
+fn cmd_run(args: RunArgs) -> Result<()> {
+    let RunArgs { config } = args;
+    let c = edge_ad_line::daemon::run(&config)?;
+    println!(
+        "edge-ad run: {} triggers: {} OK, {} NG, {} ERR ({} overruns, {} late verdicts dropped)",
+        c.triggers, c.ok, c.ng, c.faults, c.overruns, c.late_results
+    );
+    Ok(())
+}
+
+fn cmd_pinmux_check(args: PinmuxCheckArgs) -> Result<()> {
+    let PinmuxCheckArgs { config, out, mem } = args;
+    use edge_ad_line::{config::LineConfig, pinmux};
+    let (cfg, bytes) = LineConfig::load(&config)?;
+    let board = cfg.board_profile(&config)?;
+    let report = pinmux::check(&cfg, &bytes, board.as_ref(), &mem)?;
+    pinmux::write_report(&out, &report)?;
+    for p in &report.pins {
+        if p.error.is_none() {
+            println!(
+                "header pin {} ({}, {} line {}): PADCTL {} = {}: GPIO {}, ok",
+                p.pin, p.port, p.chip, p.line, p.padctl, p.value, p.direction
+            );
+        }
+    }
+    for u in &report.unchecked {
+        println!("not checked: {u}");
+    }
+    if report.pins.is_empty() && report.unchecked.is_empty() {
+        println!("no GPIO pins in {}: nothing to check", config.display());
+    }
+    let errors = report.errors();
+    for e in &errors {
+        eprintln!("{e}");
+    }
+    println!("report: {}", out.display());
+    if !errors.is_empty() {
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
+fn cmd_example_config(args: ExampleConfigArgs) -> Result<()> {
+    let ExampleConfigArgs { board } = args;
+    let profile = edge_ad_boards::profile(&board)?;
+    print!("{}", edge_ad_line::config::example(&profile));
+    Ok(())
+}
+
+fn cmd_bench(args: BenchArgs) -> Result<()> {
+    let BenchArgs {
+        model,
+        refs,
+        images,
+        frames,
+        warmup,
+        bank_dtype,
+        json,
+    } = args;
+    if refs == 0 {
+        anyhow::bail!("--refs must be at least 1");
+    }
+    let mut pipeline = model.load()?;
+    let tty = std::io::stderr().is_terminal();
+    let opts = BenchOptions {
+        images,
+        refs,
+        frames,
+        warmup,
+        bank_dtype,
+    };
+    let r = bench::run(&mut pipeline, &opts, |m| {
+        if tty {
+            eprintln!("bench: {m}")
+        }
+    })?;
+    if json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        println!(
+                "edge-ad bench: {} threads, {} frames ({} backbone passes each), bank {} refs, {} rows/level ({})",
+                r.threads,
+                r.frames,
+                r.tiles,
+                r.refs,
+                r.bank_rows,
+                bank_dtype.name()
+            );
+        println!("  {:<12} {:>9}", "stage", "median ms");
+        println!("  {:<12} {:>9.2}", "preprocess", r.preprocess_ms);
+        println!(
+            "  {:<12} {:>9.2}   ({})",
+            "backbone",
+            r.backbone_ms,
+            if r.backbone_on_gpu {
+                "GPU, tract-cuda"
+            } else {
+                "CPU, tract"
+            }
+        );
+        println!(
+            "  {:<12} {:>9.2}   {:>6.1} GFLOP/s",
+            "residual", r.residual_ms, r.residual_gflops
+        );
+        if let (Some(ms), Some(gf)) = (r.projector_ms, r.projector_gflops) {
+            println!("  {:<12} {:>9.2}   {:>6.1} GFLOP/s", "projector", ms, gf);
+        }
+        println!("  {:<12} {:>9.2}", "score", r.score_ms);
+        println!(
+            "  {:<12} {:>9.2}   ({:.3} × backbone)",
+            "total", r.total_ms, r.total_over_backbone
+        );
+        println!(
+            "  sgemm at the residual size: {:.1} GFLOP/s",
+            r.sgemm_gflops
+        );
+        if let Some(g) = &r.gpu {
+            println!(
+                "  GPU {} ({}), device times from CUDA events:",
+                g.name, g.arch
+            );
+            println!(
+                "    residual {:.1} TFLOP/s; cuBLAS fp16 GEMM at that shape {:.1} TFLOP/s",
+                g.residual_tflops, g.gemm_tflops
+            );
+            if let (Some(ms), Some(tf)) = (g.attention_ms, g.attention_tflops) {
+                println!("    LKV attention {ms:.3} ms, {tf:.1} TFLOP/s");
+            }
+            println!(
+                "    residual + projector + FeatureNorm {:.3} ms, copies {:.3} ms",
+                g.kernels_ms, g.transfer_ms
+            );
+        }
+    }
+    Ok(())
+}
+
+fn cmd_cameras() {
+    let cams = edge_ad_line::camera::list_cameras();
+    if cams.is_empty() {
+        println!("no V4L2 capture devices (/dev/video*)");
+    }
+    for c in cams {
+        println!("{}  {}", c.path.display(), c.name);
+        for (fourcc, desc, sizes) in c.formats {
+            println!("  {fourcc}  {desc}");
+            for (w, h, fps) in sizes {
+                let f: Vec<String> = fps.iter().map(|f| format!("{f:.0}")).collect();
+                println!("    {w}×{h} @ {} fps", f.join(", "));
+            }
+        }
+        if !c.controls.is_empty() {
+            println!("  controls ([source.controls] names):");
+            for ctl in c.controls {
+                println!("    {ctl}");
+            }
+        }
+    }
+}
