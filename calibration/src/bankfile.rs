@@ -359,8 +359,12 @@ fn check_threshold(t: &Threshold) -> Result<(), String> {
             R::MaxTimesMargin { margin } => ("rule.margin", margin),
             R::MeanPlusKSigma { k } => ("rule.k", k),
             R::Quantile { false_reject } => ("rule.false_reject", false_reject),
+            R::Conformal { reject_rate } => ("rule.reject_rate", reject_rate),
         },
     ];
+    if let Some(r) = t.expected_false_reject {
+        fields.push(("expected_false_reject", r));
+    }
     if let Some(d) = &t.defects {
         fields.extend([
             ("defects.min", d.min),

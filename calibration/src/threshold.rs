@@ -24,6 +24,36 @@ pub enum ThresholdRule {
         /// Fraction of normal parts allowed to be rejected, in `[0, 1)`.
         false_reject: f64,
     },
+    /// A false-reject budget with a guarantee (split conformal prediction): with `n` held-out
+    /// normal scores, the `⌈(n+1)(1−P)⌉`-th smallest is the threshold, and a new good part that
+    /// is exchangeable with them is rejected with probability at most `P` — exactly
+    /// `(n+1−k)/(n+1)` for continuous scores, whatever their distribution. Needs
+    /// `n ≥ ⌈1/P⌉ − 1` held-out scores; references scored leave-one-out are not held out (they
+    /// score high: a k-means reference is the only member of its cluster in the bank).
+    Conformal {
+        /// The false-reject budget `P`, in `(0, 0.5)`.
+        reject_rate: f64,
+    },
+}
+
+/// The smallest number of held-out normal scores for which the conformal rule can guarantee a
+/// false-reject rate of at most `p` (`⌈(n+1)(1−p)⌉ ≤ n`).
+pub fn conformal_min_scores(p: f64) -> usize {
+    // (n+1)·p ≥ 1 ⇔ n ≥ 1/p − 1; computed with the same ceil as the rule to agree at edges.
+    let mut n = ((1.0 / p) - 1.0).ceil().max(1.0) as usize;
+    while conformal_rank(n, p) > n {
+        n += 1;
+    }
+    while n > 1 && conformal_rank(n - 1, p) < n {
+        n -= 1;
+    }
+    n
+}
+
+/// The 1-based rank `⌈(n+1)(1−p)⌉` of the conformal threshold among `n` sorted scores.
+pub fn conformal_rank(n: usize, p: f64) -> usize {
+    // A tiny slack keeps (n+1)(1−p) that is an integer in exact arithmetic from rounding up.
+    (((n + 1) as f64) * (1.0 - p) - 1e-9).ceil() as usize
 }
 
 impl std::str::FromStr for ThresholdRule {
@@ -45,9 +75,13 @@ impl std::str::FromStr for ThresholdRule {
             Ok(ThresholdRule::Quantile {
                 false_reject: num(q)?,
             })
+        } else if let Some(p) = s.strip_prefix("conformal:") {
+            Ok(ThresholdRule::Conformal {
+                reject_rate: num(p)?,
+            })
         } else {
             Err(format!(
-                "unknown threshold rule `{s}`: expected max*MARGIN (e.g. max*1.05), mean+Ksigma (e.g. mean+3sigma) or quantile:BUDGET (e.g. quantile:0.01)"
+                "unknown threshold rule `{s}`: expected max*MARGIN (e.g. max*1.05), mean+Ksigma (e.g. mean+3sigma), quantile:BUDGET (e.g. quantile:0.01) or conformal:P (e.g. conformal:0.02)"
             ))
         }
     }
@@ -98,6 +132,10 @@ pub struct Threshold {
     /// With known-bad parts: the threshold lies between the classes (see [`Threshold::between`]).
     #[serde(default)]
     pub defects: Option<DefectStats>,
+    /// The conformal rule's false-reject rate for a new good part, `(n+1−k)/(n+1)` (at most the
+    /// budget asked); `None` for the other rules, which state no rate.
+    #[serde(default)]
+    pub expected_false_reject: Option<f64>,
 }
 
 fn mean_std(v: &[f64]) -> (f64, f64) {
@@ -142,6 +180,29 @@ impl Threshold {
                     "false-reject budget {false_reject} must be in [0, 1)"
                 ))
             }
+            ThresholdRule::Conformal { reject_rate: p } if p > 0.0 && p < 0.5 => {
+                let k = conformal_rank(scores.len(), p);
+                if k > scores.len() {
+                    return Err(format!(
+                        "--reject-rate {p}: {} held-out normal scores are too few to guarantee it; at least {} are needed",
+                        scores.len(),
+                        conformal_min_scores(p)
+                    ));
+                }
+                let mut sorted = scores.to_vec();
+                sorted.sort_by(f64::total_cmp);
+                sorted[k.max(1) - 1]
+            }
+            ThresholdRule::Conformal { reject_rate } => {
+                return Err(format!("--reject-rate {reject_rate}: must be in (0, 0.5)"))
+            }
+        };
+        let expected_false_reject = match rule {
+            ThresholdRule::Conformal { reject_rate } => {
+                let k = conformal_rank(scores.len(), reject_rate);
+                Some((scores.len() + 1 - k) as f64 / (scores.len() + 1) as f64)
+            }
+            _ => None,
         };
         Ok(Self {
             value,
@@ -152,6 +213,7 @@ impl Threshold {
             normal_mean: mean,
             normal_std: std,
             defects: None,
+            expected_false_reject,
         })
     }
 
@@ -217,6 +279,92 @@ impl Threshold {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The conformal rule: the ⌈(n+1)(1−P)⌉-th smallest held-out score, its stated rate, and a
+    /// clear refusal when the pool is too small.
+    #[test]
+    fn conformal_rule_takes_the_order_statistic_and_states_its_rate() {
+        let scores: Vec<f64> = (1..=52).map(|i| i as f64 / 100.0).collect();
+        // n = 52, P = 0.02: k = ⌈53 × 0.98⌉ = 52 → the largest; rate 1/53.
+        let t = Threshold::from_scores(&scores, ThresholdRule::Conformal { reject_rate: 0.02 })
+            .unwrap();
+        assert_eq!(t.value, 0.52);
+        assert!((t.expected_false_reject.unwrap() - 1.0 / 53.0).abs() < 1e-12);
+        // P = 0.05: k = ⌈50.35⌉ = 51 → second largest; rate 2/53 ≤ 0.05.
+        let t = Threshold::from_scores(&scores, ThresholdRule::Conformal { reject_rate: 0.05 })
+            .unwrap();
+        assert_eq!(t.value, 0.51);
+        assert!((t.expected_false_reject.unwrap() - 2.0 / 53.0).abs() < 1e-12);
+        // P = 0.01 needs n ≥ 99.
+        let e = Threshold::from_scores(&scores, ThresholdRule::Conformal { reject_rate: 0.01 })
+            .unwrap_err();
+        assert!(
+            e.contains("52 held-out") && e.contains("at least 99"),
+            "{e}"
+        );
+        assert_eq!(conformal_min_scores(0.01), 99);
+        assert_eq!(conformal_min_scores(0.02), 49);
+        assert_eq!(conformal_min_scores(0.05), 19);
+        assert_eq!(conformal_rank(99, 0.01), 99);
+        for p in [0.0, 0.5, 0.7, -0.1, f64::NAN] {
+            let e = Threshold::from_scores(&scores, ThresholdRule::Conformal { reject_rate: p })
+                .unwrap_err();
+            assert!(e.contains("(0, 0.5)"), "{p}: {e}");
+        }
+        assert_eq!(
+            "conformal:0.02".parse::<ThresholdRule>().unwrap(),
+            ThresholdRule::Conformal { reject_rate: 0.02 }
+        );
+    }
+
+    /// The guarantee, checked by simulation: over many draws of n held-out scores and a new one
+    /// from the same distribution, the new one is rejected at the stated rate, never above P.
+    #[test]
+    fn conformal_false_reject_rate_holds_by_simulation() {
+        let mut x = 0x2545_F491_4F6C_DD1Du64;
+        let mut uniform = move || {
+            x ^= x >> 12;
+            x ^= x << 25;
+            x ^= x >> 27;
+            (x.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11) as f64 / (1u64 << 53) as f64
+        };
+        let (n, p, trials) = (52usize, 0.05, 40_000);
+        let mut rejected = 0;
+        for _ in 0..trials {
+            // A skewed score distribution: the rule must not care.
+            let s: Vec<f64> = (0..n).map(|_| (-uniform().ln()).powf(1.5)).collect();
+            let t =
+                Threshold::from_scores(&s, ThresholdRule::Conformal { reject_rate: p }).unwrap();
+            if t.rejects((-uniform().ln()).powf(1.5)) {
+                rejected += 1;
+            }
+        }
+        let rate = rejected as f64 / trials as f64;
+        let stated = 2.0 / 53.0;
+        // Binomial standard error ≈ 0.00095: 4 of them.
+        assert!(
+            (rate - stated).abs() < 0.004,
+            "rate {rate}, stated {stated}"
+        );
+        assert!(rate < p, "{rate}");
+    }
+
+    /// The biased-reference case of issue 14: leave-one-out scores of k-means references are
+    /// high (each is alone in its cluster); the max of all normal scores sits above every good
+    /// part, while the conformal rule on the held-out scores alone sits where good parts are.
+    #[test]
+    fn biased_reference_scores_do_not_lift_the_conformal_threshold() {
+        let held_out: Vec<f64> = (0..52).map(|i| 0.60 + 0.004 * i as f64).collect(); // ≤ 0.804
+        let references = [0.90, 0.86, 0.85, 0.84, 0.83, 0.82, 0.81, 0.80];
+        let all: Vec<f64> = held_out.iter().chain(&references).copied().collect();
+        let old = Threshold::from_scores(&all, ThresholdRule::default()).unwrap();
+        assert!((old.value - 0.945).abs() < 1e-9, "{}", old.value);
+        let new = Threshold::from_scores(&held_out, ThresholdRule::Conformal { reject_rate: 0.02 })
+            .unwrap();
+        assert!((new.value - 0.804).abs() < 1e-9, "{}", new.value);
+        // A defect scoring 0.85 escapes the old rule and is caught by the new one.
+        assert!(!old.rejects(0.85) && new.rejects(0.85));
+    }
 
     #[test]
     fn max_times_margin_and_mean_plus_k_sigma() {

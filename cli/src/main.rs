@@ -188,6 +188,11 @@ struct CalibrateArgs {
     /// Threshold = mean + SIGMA × standard deviation of the normal scores.
     #[arg(long)]
     sigma: Option<f64>,
+    /// False-reject budget P in (0, 0.5): the threshold is the ⌈(n+1)(1−P)⌉-th smallest of the
+    /// n held-out good scores (split conformal prediction), so a new good part is rejected with
+    /// probability at most P; needs n ≥ ⌈1/P⌉ − 1 (49 for 0.02). Same as --rule conformal:P.
+    #[arg(long, allow_negative_numbers = true, conflicts_with_all = ["margin", "sigma", "rule"])]
+    reject_rate: Option<f64>,
 }
 
 /// Arguments of `edge-ad inspect`.
@@ -331,13 +336,94 @@ fn main() -> ExitCode {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
     let cli = Cli::parse();
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(&cli.log)).init();
-    match run(cli) {
+    let log = QueuedStderr::start();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(&cli.log))
+        .target(env_logger::Target::Pipe(Box::new(log.clone())))
+        .init();
+    let r = run(cli);
+    log.flush_for(std::time::Duration::from_secs(1));
+    match r {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("edge-ad: error: {e:#}");
             ExitCode::from(2)
         }
+    }
+}
+
+/// The log's writer: records go to stderr from a thread of their own through a bounded queue,
+/// so a stalled journal (stderr is journald's pipe under systemd) never blocks a thread that
+/// logs — the line's arbiter included. When the queue is full, records are dropped and counted
+/// (the count is written once stderr moves again).
+#[derive(Clone)]
+struct QueuedStderr {
+    tx: std::sync::mpsc::SyncSender<Vec<u8>>,
+    dropped: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    written: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    sent: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl QueuedStderr {
+    fn start() -> Self {
+        use std::sync::atomic::Ordering;
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(1024);
+        let q = Self {
+            tx,
+            dropped: Default::default(),
+            written: Default::default(),
+            sent: Default::default(),
+        };
+        let (dropped, written) = (q.dropped.clone(), q.written.clone());
+        std::thread::Builder::new()
+            .name("edge-ad-log".into())
+            .spawn(move || {
+                let mut err = std::io::stderr();
+                let mut reported = 0;
+                while let Ok(rec) = rx.recv() {
+                    let d = dropped.load(Ordering::Relaxed);
+                    if d > reported {
+                        let _ = writeln!(
+                            err,
+                            "[edge-ad] {} log records dropped (stderr stalled)",
+                            d - reported
+                        );
+                        reported = d;
+                    }
+                    let _ = err.write_all(&rec);
+                    written.fetch_add(1, Ordering::Release);
+                }
+            })
+            .expect("spawn the log thread");
+        q
+    }
+
+    /// Wait until what was queued is written, at most `limit`.
+    fn flush_for(&self, limit: std::time::Duration) {
+        use std::sync::atomic::Ordering;
+        let t = std::time::Instant::now();
+        while self.written.load(Ordering::Acquire) < self.sent.load(Ordering::Relaxed)
+            && t.elapsed() < limit
+        {
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+    }
+}
+
+impl Write for QueuedStderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        use std::sync::atomic::Ordering;
+        match self.tx.try_send(buf.to_vec()) {
+            Ok(()) => {
+                self.sent.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(_) => {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
@@ -484,8 +570,16 @@ fn cmd_calibrate(args: CalibrateArgs) -> Result<()> {
         bank_dtype,
         margin,
         sigma,
+        reject_rate,
     } = args;
     let rule = match (rule, margin, sigma) {
+        _ if reject_rate.is_some() => {
+            let p = reject_rate.unwrap_or_default();
+            if !(p > 0.0 && p < 0.5) {
+                anyhow::bail!("--reject-rate {p}: must be in (0, 0.5), e.g. 0.02 for 2 % of good parts rejected");
+            }
+            ThresholdRule::Conformal { reject_rate: p }
+        }
         (Some(r), _, _) => r,
         (None, _, Some(k)) => ThresholdRule::MeanPlusKSigma { k },
         (None, Some(m), None) => ThresholdRule::MaxTimesMargin { margin: m },

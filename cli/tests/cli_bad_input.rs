@@ -507,3 +507,49 @@ fn a_fit_override_the_model_cannot_take_is_refused() {
         "{err}"
     );
 }
+
+/// `--reject-rate`: outside (0, 0.5) refused at once; a pool too small for the guarantee refused
+/// naming the smallest pool; a feasible one states its rate and the images it rests on.
+#[test]
+fn reject_rate_is_checked_and_stated() {
+    let t = tempfile::tempdir().unwrap();
+    let out = t.path().join("b.eab");
+    let good = root().join("demo/images/good");
+    let cal = |rate: &str| {
+        vec![
+            "calibrate".to_string(),
+            "--model".into(),
+            s(&demo_model()).into(),
+            "--refs".into(),
+            "4".into(),
+            "--images".into(),
+            s(&good).into(),
+            "--out".into(),
+            s(&out).into(),
+            "--reject-rate".into(),
+            rate.into(),
+        ]
+    };
+    fn args(v: &[String]) -> Vec<&str> {
+        v.iter().map(String::as_str).collect()
+    }
+    for bad in ["0", "0.5", "-0.1", "nan"] {
+        let err = fails(&args(&cal(bad)));
+        assert!(
+            err.contains("--reject-rate") && err.contains("(0, 0.5)"),
+            "{bad}: {err}"
+        );
+    }
+    let err = fails(&args(&cal("0.02")));
+    assert!(
+        err.contains("needs at least 49 held-out") && err.contains("at least 53 images"),
+        "{err}"
+    );
+    assert!(!out.exists());
+    // 8 images, 4 references: 4 held out; P = 0.2 needs 4: k = ⌈5 × 0.8⌉ = 4, rate 1/5.
+    let text = ok(&args(&cal("0.2")));
+    assert!(
+        text.contains("expected false-reject rate 20.00 %") && text.contains("rests on 4 held-out"),
+        "{text}"
+    );
+}

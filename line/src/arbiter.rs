@@ -75,8 +75,12 @@ pub enum Event {
     SelfTest(Result<(), u16>),
     /// Run the self-test on the stage now (at start, once the I/O is open).
     RequestSelfTest,
-    /// A port the line reports on vanished (`true`) or is back (`false`).
-    PortLost(bool),
+    /// A port the line reports on is gone (`Some(code)`: 0x0501 missing at start, 0x0502
+    /// vanished while running) or is back (`None`).
+    PortLost(Option<u16>),
+    /// An I/O fault found at start (GPIO, pinmux, a port that could not be opened): Faulted
+    /// with this code until the process is restarted.
+    IoFault(u16),
     /// SIGTERM: drain and stop.
     Shutdown,
 }
@@ -121,13 +125,18 @@ impl LineHandle {
     pub fn self_test(&self, r: Result<(), u16>) {
         let _ = self.tx.send(Event::SelfTest(r));
     }
+    /// An I/O fault found at start: Faulted until restarted (FAULT_ACK cannot clear it).
+    pub fn io_fault(&self, code: u16) {
+        let _ = self.tx.send(Event::IoFault(code));
+    }
     /// Let the stage run the self-test; its result moves the line on.
     pub fn request_self_test(&self) {
         let _ = self.tx.send(Event::RequestSelfTest);
     }
-    /// A port vanished (`true`) or was reopened (`false`).
-    pub fn port_lost(&self, lost: bool) {
-        let _ = self.tx.send(Event::PortLost(lost));
+    /// A port is gone with this code (`Some`) or was reopened (`None`). The port's bit in
+    /// [`Health::ports_lost`] is set before and cleared before this is sent.
+    pub fn port_lost(&self, code: Option<u16>) {
+        let _ = self.tx.send(Event::PortLost(code));
     }
     /// Start draining.
     pub fn shutdown(&self) {
@@ -187,15 +196,24 @@ pub fn start_with_health(
         status: status.clone(),
         health,
     };
+    let arbiter_health = handle.health.clone();
     let join = std::thread::Builder::new()
         .name("edge-ad-arbiter".into())
-        .spawn(move || arbiter(timing, rx, job_tx, sinks, status))
+        .spawn(move || arbiter(timing, rx, job_tx, sinks, status, &arbiter_health))
         .expect("spawn the arbiter thread");
     (handle, join)
 }
 
 fn worker(mut stage: Box<dyn Stage>, jobs: Receiver<Job>, tx: Sender<Event>, health: &Health) {
     while let Ok(job) = jobs.recv() {
+        if let Job::Inspect(tag) = job {
+            // Resolved already (its deadline won while it waited): no frame spent on it, so a
+            // self-test queued behind stale jobs runs at once.
+            let through = health.resolved_through.load(Ordering::SeqCst);
+            if (tag.wrapping_sub(through) as i32) <= 0 && through != 0 {
+                continue;
+            }
+        }
         health.stage_busy.store(true, Ordering::SeqCst);
         // A panicking stage must not take the line down silently: its tag ends as ERR and the
         // next tags still run.
@@ -230,13 +248,27 @@ fn arbiter(
     jobs: SyncSender<Job>,
     mut sinks: Vec<Box<dyn Sink>>,
     status: Arc<Mutex<Status>>,
+    health: &Health,
 ) -> Counters {
     let start = Instant::now();
     let mut st = status.lock().map(|s| s.clone()).unwrap_or_default();
     let mut fifo: VecDeque<Entry> = VecDeque::new();
     let mut next_tag: u32 = 1;
     let mut consecutive_errors = 0u32;
-    let mut ports_lost = false;
+    // An I/O fault found at start (a port, GPIO, pinmux that failed to open): FAULT_ACK cannot
+    // clear it, only a restart with the fault mended (ports missing at start are reopened and
+    // show as PORT_LOST instead).
+    let mut io_fault: Option<u16> = None;
+    let mut port_code = code::SERIAL_LOST;
+    // Unresolved entries (tag, deadline) in tag order: at most `timing.fifo`, so deadlines and
+    // verdicts cost O(1) in the number of resolved entries waiting behind the head (a trigger
+    // flood while the head is inspected).
+    let mut pending: VecDeque<(u32, Instant)> = VecDeque::new();
+    let index_of = |fifo: &VecDeque<Entry>, tag: u32| {
+        let front = fifo.front()?.tag;
+        let i = tag.wrapping_sub(front) as usize;
+        (i < fifo.len() && fifo[i].tag == tag).then_some(i)
+    };
     let mut last_state = st.state;
     for s in sinks.iter_mut() {
         s.state(st.state);
@@ -247,8 +279,8 @@ fn arbiter(
         let hb_next =
             Duration::from_millis(500 * (now.duration_since(start).as_millis() as u64 / 500 + 1));
         let mut wake = start + hb_next;
-        if let Some(h) = fifo.iter().find(|e| e.result.is_none()) {
-            wake = wake.min(h.t0 + timing.deadline);
+        if let Some(&(_, deadline)) = pending.front() {
+            wake = wake.min(deadline);
         }
         let ev = rx.recv_timeout(wake.saturating_duration_since(now));
         let now = Instant::now();
@@ -261,7 +293,7 @@ fn arbiter(
                     next_tag + 1
                 };
                 st.counters.triggers = st.counters.triggers.wrapping_add(1);
-                let unresolved = fifo.iter().filter(|e| e.result.is_none()).count();
+                let unresolved = pending.len();
                 let result = if st.state != LineState::Running {
                     Some((Outcome::Err, f32::NAN, Some(ErrCause::NotRunning)))
                 } else if unresolved >= timing.fifo || jobs.try_send(Job::Inspect(tag)).is_err() {
@@ -269,13 +301,18 @@ fn arbiter(
                     st.overrun_latched = true;
                     Some((Outcome::Err, f32::NAN, Some(ErrCause::Overrun)))
                 } else {
+                    pending.push_back((tag, t0 + timing.deadline));
                     None
                 };
+                // Tags in the FIFO are consecutive: a restart at 1 after u32::MAX empties it
+                // first (at 30 parts/s that is 4.5 years; the FIFO is never that old).
                 fifo.push_back(Entry { tag, t0, result });
             }
             Ok(Event::Verdict(tag, r)) => {
-                match fifo.iter_mut().find(|e| e.tag == tag && e.result.is_none()) {
+                let slot = index_of(&fifo, tag).filter(|&i| fifo[i].result.is_none());
+                match slot.map(|i| &mut fifo[i]) {
                     Some(e) => {
+                        pending.retain(|&(t, _)| t != tag);
                         e.result = Some(match r {
                             Ok((score, ng)) if score.is_finite() => {
                                 (if ng { Outcome::Ng } else { Outcome::Ok }, score, None)
@@ -293,9 +330,20 @@ fn arbiter(
                 }
                 Command::FaultAck => {
                     st.overrun_latched = false;
-                    // Back to Ready/Running only through a new self-test, and not while a port
-                    // is still gone.
-                    if st.state == LineState::Faulted && !ports_lost {
+                    // Back to Ready/Running only through a new self-test, not while a port is
+                    // still gone (read from the ports' own bits: no event race), and never over
+                    // an I/O fault found at start.
+                    let ports_lost = health.ports_lost.load(Ordering::SeqCst) != 0;
+                    if st.state == LineState::Faulted && (ports_lost || io_fault.is_some()) {
+                        log::warn!(
+                            "FAULT_ACK refused: {}",
+                            if ports_lost {
+                                "a serial port is still gone"
+                            } else {
+                                "an I/O fault found at start needs a restart"
+                            }
+                        );
+                    } else if st.state == LineState::Faulted {
                         consecutive_errors = 0;
                         if jobs.try_send(Job::SelfTest).is_ok() {
                             st.state = LineState::SelfTest;
@@ -308,6 +356,9 @@ fn arbiter(
                 }
                 Command::Online(on) => {
                     if matches!(st.state, LineState::Ready | LineState::Running) {
+                        if on && st.state == LineState::Ready {
+                            consecutive_errors = 0;
+                        }
                         st.state = if on {
                             LineState::Running
                         } else {
@@ -326,19 +377,35 @@ fn arbiter(
                 }
             }
             Ok(Event::PortLost(lost)) => {
-                ports_lost = lost;
-                if lost && st.state != LineState::Draining {
+                if let Some(c) = lost {
+                    port_code = c;
+                    if st.state != LineState::Draining {
+                        // A fault already on the register keeps its code.
+                        if st.state != LineState::Faulted {
+                            st.error_code = c;
+                        }
+                        st.state = LineState::Faulted;
+                    }
+                }
+            }
+            Ok(Event::IoFault(c)) => {
+                io_fault = Some(c);
+                if st.state != LineState::Draining {
+                    log::error!("self-test failed: error 0x{c:04x}; the line stays Faulted (READY low, every part rejected) until restarted");
+                    st.error_code = c;
                     st.state = LineState::Faulted;
-                    st.error_code = code::SERIAL_LOST;
                 }
             }
             Ok(Event::SelfTest(r)) => {
-                if ports_lost {
+                if !matches!(st.state, LineState::Booting | LineState::SelfTest) {
+                    // Late (a state change overtook it): ignored; Draining is never left.
+                } else if health.ports_lost.load(Ordering::SeqCst) != 0 || io_fault.is_some() {
                     st.state = LineState::Faulted;
-                    st.error_code = code::SERIAL_LOST;
-                } else if matches!(st.state, LineState::Booting | LineState::SelfTest) {
+                    st.error_code = io_fault.unwrap_or(port_code);
+                } else {
                     match r {
                         Ok(()) => {
+                            consecutive_errors = 0;
                             st.error_code = 0;
                             st.state = if timing.auto_online {
                                 LineState::Running
@@ -359,14 +426,20 @@ fn arbiter(
             Err(RecvTimeoutError::Disconnected) => st.state = LineState::Draining,
         }
         // Deadlines: any unresolved entry past its deadline is ERR (line-side.md §6.3).
-        for e in fifo.iter_mut() {
-            if e.result.is_none() && now >= e.t0 + timing.deadline {
-                e.result = Some((Outcome::Err, f32::NAN, Some(ErrCause::Deadline)));
+        while let Some(&(tag, deadline)) = pending.front() {
+            if now < deadline {
+                break;
+            }
+            pending.pop_front();
+            if let Some(i) = index_of(&fifo, tag) {
+                fifo[i].result = Some((Outcome::Err, f32::NAN, Some(ErrCause::Deadline)));
             }
         }
         // Emit from the head, in tag order.
         while fifo.front().is_some_and(|e| e.result.is_some()) {
             let e = fifo.pop_front().expect("front exists");
+            // The stage skips jobs of tags already resolved (their deadline won).
+            health.resolved_through.store(e.tag, Ordering::SeqCst);
             let (outcome, score, cause) = e.result.expect("resolved");
             let rec = ResultRecord {
                 tag: e.tag,
@@ -670,7 +743,8 @@ mod fault_tests {
         let (h, join) = start(TIMING_FAST, Box::new(stage), vec![], Status::default());
         h.request_self_test();
         wait_for(&h, |s| s.state == LineState::Running);
-        h.port_lost(true);
+        h.health().ports_lost.fetch_or(1, Ordering::SeqCst);
+        h.port_lost(Some(code::SERIAL_LOST));
         let s = wait_for(&h, |s| s.state == LineState::Faulted);
         assert_eq!(
             (s.state, s.error_code),
@@ -679,11 +753,36 @@ mod fault_tests {
         h.command(Command::FaultAck);
         std::thread::sleep(Duration::from_millis(50));
         assert_eq!(h.status().state, LineState::Faulted);
-        h.port_lost(false);
+        h.health().ports_lost.fetch_and(!1, Ordering::SeqCst);
+        h.port_lost(None);
         h.command(Command::FaultAck);
         let s = wait_for(&h, |s| s.state == LineState::Running);
         assert_eq!(s.state, LineState::Running);
         h.shutdown();
+        join.join().unwrap();
+    }
+
+    /// An I/O fault found at start (GPIO, pinmux) is not cleared by FAULT_ACK (it used to
+    /// return the line to Running with the outputs never opened), and a self-test result
+    /// that arrives while draining does not take the line out of Draining (SIGTERM would hang).
+    #[test]
+    fn start_io_faults_are_sticky_and_draining_is_never_left() {
+        let stage = Slow {
+            delay: Duration::from_millis(100),
+            self_tests: Arc::default(),
+            self_test_ok: Arc::new(Mutex::new(true)),
+        };
+        let (h, join) = start(TIMING_FAST, Box::new(stage), vec![], Status::default());
+        h.io_fault(code::GPIO);
+        let s = wait_for(&h, |s| s.state == LineState::Faulted);
+        assert_eq!((s.state, s.error_code), (LineState::Faulted, code::GPIO));
+        h.command(Command::FaultAck);
+        std::thread::sleep(Duration::from_millis(250));
+        let s = h.status();
+        assert_eq!((s.state, s.error_code), (LineState::Faulted, code::GPIO));
+        h.shutdown();
+        h.self_test(Ok(()));
+        h.self_test(Err(code::SELF_TEST));
         join.join().unwrap();
     }
 

@@ -507,8 +507,8 @@ impl LineConfig {
         let t = &self.trigger;
         if t.kind == TriggerKind::FreeRun {
             match t.rate_hz {
-                Some(r) if r.is_finite() && r > 0.0 && r <= 1000.0 => {}
-                Some(r) => return Err(format!("trigger.rate_hz: {r} must be in (0, 1000]")),
+                Some(r) if r.is_finite() && (0.001..=1000.0).contains(&r) => {}
+                Some(r) => return Err(format!("trigger.rate_hz: {r} must be in 0.001–1000")),
                 None => return Err("trigger.rate_hz: required with kind = \"free_run\"".into()),
             }
             if let Some(n) = t.count {
@@ -544,7 +544,8 @@ impl LineConfig {
             in_range("gpio.debounce_ms", g.debounce_ms, 0, 100)?;
         }
         let tm = &self.timing;
-        in_range("timing.deadline_ms", tm.deadline_ms, 1, 60_000)?;
+        // The unit's TimeoutStopSec (10 s) must cover a drain: deadline + 2 s.
+        in_range("timing.deadline_ms", tm.deadline_ms, 1, MAX_DEADLINE_MS)?;
         in_range("timing.fifo", tm.fifo as u64, 1, MAX_FIFO as u64)?;
         in_range("timing.fault_after", tm.fault_after as u64, 1, 1000)?;
         if let Some(t) = &self.modbus_tcp {
@@ -585,6 +586,10 @@ impl LineConfig {
         Ok(())
     }
 }
+
+/// The longest `timing.deadline_ms`: SIGTERM drains the parts in flight, which takes up to the
+/// deadline, and the systemd unit gives the drain 10 s (TimeoutStopSec) with 2 s for the rest.
+pub const MAX_DEADLINE_MS: u64 = 8_000;
 
 /// The largest `timing.fifo`: parts in flight are frames in memory; more than this is a line
 /// that cannot keep up, not a buffer.
@@ -751,7 +756,14 @@ mod tests {
                 "[timing]\nfifo = 100000000000\n",
                 "timing.fifo: 100000000000",
             ),
-            ("[timing]\ndeadline_ms = 3600000\n", "timing.deadline_ms"),
+            (
+                "[timing]\ndeadline_ms = 9000\n",
+                "timing.deadline_ms: 9000 is outside 1–8000",
+            ),
+            (
+                "[trigger]\nkind = \"free_run\"\nrate_hz = 1e-300\n",
+                "trigger.rate_hz",
+            ),
             ("[log]\nresults_keep = 0\n", "log.results_keep: 0"),
             ("[log]\nresults_max_mb = 0\n", "log.results_max_mb: 0"),
             (

@@ -155,8 +155,8 @@ fn load(config_path: &Path) -> Result<Loaded> {
 /// The outputs and ports [`open_outputs`] opened.
 struct Outputs {
     sinks: Vec<Box<dyn Sink>>,
-    serial: Option<(Arc<SerialPort>, File)>,
-    rtu: Option<(Arc<SerialPort>, File)>,
+    serial: Option<(Arc<SerialPort>, Option<File>)>,
+    rtu: Option<(Arc<SerialPort>, Option<File>)>,
     gpio_trigger: Option<(String, u32, Duration)>,
     /// The first output that failed to open: the line starts Faulted with this code.
     io_error: Option<u16>,
@@ -189,35 +189,30 @@ fn open_outputs(l: &Loaded, health: &Arc<Health>) -> Result<Outputs> {
             health.clone(),
         )));
     }
-    let serial = match &cfg.serial {
-        None => None,
-        Some(s) => match SerialPort::open(&s.port, s.baud, PortRole::Serial) {
-            Ok((port, reader)) => {
-                sinks.push(Box::new(QueuedSink::spawn(
-                    "serial",
-                    Box::new(server::SerialSink(port.clone(), health.clone())),
-                    health.clone(),
-                )));
-                Some((port, reader))
-            }
-            Err(e) => {
-                log::error!("serial.port {}: {e}", s.port.display());
-                io_error = io_error.or(Some(code::SERIAL_OPEN));
-                None
-            }
-        },
+    // A port missing at start is reopened with backoff like one that vanishes later: the line
+    // is Faulted (0x0501, PORT_LOST) until it is there and FAULT_ACK passes a self-test.
+    let open_port = |field: &str, path: &Path, baud: u32, role: PortRole| match SerialPort::open(
+        path, baud, role,
+    ) {
+        Ok((port, reader)) => (port, Some(reader)),
+        Err(e) => {
+            log::error!("{field} {}: {e}; retrying", path.display());
+            (SerialPort::missing(path, baud, role, health), None)
+        }
     };
-    let rtu = match &cfg.modbus_rtu {
-        None => None,
-        Some(r) => match SerialPort::open(&r.port, r.baud, PortRole::Rtu) {
-            Ok(pr) => Some(pr),
-            Err(e) => {
-                log::error!("modbus_rtu.port {}: {e}", r.port.display());
-                io_error = io_error.or(Some(code::SERIAL_OPEN));
-                None
-            }
-        },
-    };
+    let serial = cfg.serial.as_ref().map(|s| {
+        let (port, reader) = open_port("serial.port", &s.port, s.baud, PortRole::Serial);
+        sinks.push(Box::new(QueuedSink::spawn(
+            "serial",
+            Box::new(server::SerialSink(port.clone(), health.clone())),
+            health.clone(),
+        )));
+        (port, reader)
+    });
+    let rtu = cfg
+        .modbus_rtu
+        .as_ref()
+        .map(|r| open_port("modbus_rtu.port", &r.port, r.baud, PortRole::Rtu));
     let mut gpio_trigger = None;
     if let (Some(g), Some(b)) = (&cfg.gpio, &l.board) {
         if let Err(errors) = crate::pinmux::verify(cfg, &l.cfg_bytes, b, &g.pinmux_report) {
@@ -276,8 +271,8 @@ fn open_outputs(l: &Loaded, health: &Arc<Health>) -> Result<Outputs> {
 fn start_inputs(
     cfg: &LineConfig,
     tcp: Option<std::net::TcpListener>,
-    serial: Option<(Arc<SerialPort>, File)>,
-    rtu: Option<(Arc<SerialPort>, File)>,
+    serial: Option<(Arc<SerialPort>, Option<File>)>,
+    rtu: Option<(Arc<SerialPort>, Option<File>)>,
     gpio_trigger: Option<(String, u32, Duration)>,
     handle: &LineHandle,
 ) -> Option<u16> {
@@ -351,9 +346,13 @@ pub fn run(config_path: &Path) -> Result<Counters> {
         outputs.gpio_trigger,
         &handle,
     );
+    // Ports missing at start (their servers reopen them): Faulted with 0x0501 from the start.
+    if health.ports_lost.load(Ordering::SeqCst) != 0 {
+        handle.port_lost(Some(code::SERIAL_OPEN));
+    }
     // Self-test (line-side.md §6.2): I/O first, then the stage scores a source frame.
     match outputs.io_error.or(input_error) {
-        Some(c) => handle.self_test(Err(c)),
+        Some(c) => handle.io_fault(c),
         None => handle.request_self_test(),
     }
     // SAFETY: installing a handler that only stores to an atomic.

@@ -4,7 +4,7 @@
 
 use super::arbiter::{Command, LineHandle, Sink};
 use super::modbus::{handle_pdu, rtu_frame, RtuDecoder, RtuEvent, Write};
-use super::status::{Coil, LineState, ResultRecord, Status};
+use super::status::{Coil, Health, LineState, ResultRecord, Status};
 use std::fs::File;
 use std::io::{self, Read, Write as _};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -311,6 +311,28 @@ impl SerialPort {
         ))
     }
 
+    /// A port that is missing at start: its bit in [`Health::ports_lost`] is set now (the
+    /// self-test sees it), and its server reopens it with backoff (error 0x0501 meanwhile).
+    pub fn missing(path: &Path, baud: u32, role: PortRole, health: &Health) -> Arc<Self> {
+        health
+            .ports_lost
+            .fetch_or(1 << role as u32, Ordering::SeqCst);
+        Arc::new(Self {
+            path: path.to_path_buf(),
+            baud,
+            role,
+            writer: Mutex::new(None),
+        })
+    }
+
+    /// The reader: `reader`, or the port reopened (with backoff) when it was missing at start.
+    fn reader(&self, reader: Option<File>, h: &LineHandle) -> File {
+        match reader {
+            Some(r) => r,
+            None => self.reopen(h, "missing at start", crate::status::code::SERIAL_OPEN),
+        }
+    }
+
     /// Write `bytes`, waiting at most [`WRITE_TIMEOUT`] for the peer. An error when the port is
     /// gone or the peer does not read.
     pub fn write(&self, bytes: &[u8]) -> io::Result<()> {
@@ -323,11 +345,11 @@ impl SerialPort {
 
     /// Mark the port gone, then reopen it with backoff until it is back or `stop` says so;
     /// the line is Faulted (PORT_LOST) meanwhile. Returns the new reader.
-    fn reopen(&self, h: &LineHandle, why: &str) -> File {
+    fn reopen(&self, h: &LineHandle, why: &str, code: u16) -> File {
         *self.writer.lock().unwrap_or_else(|p| p.into_inner()) = None;
         let bit = 1u32 << self.role as u32;
         h.health().ports_lost.fetch_or(bit, Ordering::SeqCst);
-        h.port_lost(true);
+        h.port_lost(Some(code));
         log::error!("{}: {why}; reopening", self.path.display());
         let mut wait = REOPEN_MIN;
         loop {
@@ -335,10 +357,8 @@ impl SerialPort {
             match open_pair(&self.path, self.baud) {
                 Ok((r, w)) => {
                     *self.writer.lock().unwrap_or_else(|p| p.into_inner()) = Some(w);
-                    let left = h.health().ports_lost.fetch_and(!bit, Ordering::SeqCst) & !bit;
-                    if left == 0 {
-                        h.port_lost(false);
-                    }
+                    h.health().ports_lost.fetch_and(!bit, Ordering::SeqCst);
+                    h.port_lost(None);
                     log::warn!(
                         "{}: reopened; FAULT_ACK returns the line to work",
                         self.path.display()
@@ -355,18 +375,31 @@ impl SerialPort {
 
     /// Read into `buf`: `Ok(0)` after 100 ms of silence; a vanished port (read error, or the
     /// node gone) is reopened first.
+    ///
+    /// A hung-up tty (adapter unplugged, the node not yet removed) returns 0 at once instead of
+    /// after 100 ms of silence: three such reads in a row count as gone too.
     fn read(&self, port: &mut File, buf: &mut [u8], h: &LineHandle) -> usize {
+        let lost = crate::status::code::SERIAL_LOST;
+        let mut quick_zeros = 0;
         loop {
+            let t0 = Instant::now();
             match port.read(buf) {
                 Ok(0) => {
-                    if self.path.exists() {
+                    if !self.path.exists() {
+                        *port = self.reopen(h, "device node gone", lost);
+                    } else if t0.elapsed() < Duration::from_millis(20) {
+                        quick_zeros += 1;
+                        if quick_zeros >= 3 {
+                            *port = self.reopen(h, "hung up", lost);
+                            quick_zeros = 0;
+                        }
+                    } else {
                         return 0;
                     }
-                    *port = self.reopen(h, "device node gone");
                 }
                 Ok(n) => return n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => *port = self.reopen(h, &format!("read error {e}")),
+                Err(e) => *port = self.reopen(h, &format!("read error {e}"), lost),
             }
         }
     }
@@ -421,11 +454,12 @@ pub fn write_with_timeout(f: &mut File, mut bytes: &[u8], timeout: Duration) -> 
 /// is reopened with backoff (the line is Faulted with 0x0502 meanwhile).
 pub fn serve_rtu(
     port: Arc<SerialPort>,
-    mut reader: File,
+    reader: Option<File>,
     h: LineHandle,
     unit: u8,
     high_word_first: bool,
 ) {
+    let mut reader = port.reader(reader, &h);
     let mut dec = RtuDecoder::default();
     let mut buf = [0u8; 256];
     loop {
@@ -544,7 +578,8 @@ impl SerialParser {
 
 /// The serial command reader: `TRIG`, `STATUS?`, `PING`, `RESET` (see [`SerialParser`]); a
 /// port that vanishes is reopened with backoff.
-pub fn serve_serial_commands(port: Arc<SerialPort>, mut reader: File, h: LineHandle) {
+pub fn serve_serial_commands(port: Arc<SerialPort>, reader: Option<File>, h: LineHandle) {
+    let mut reader = port.reader(reader, &h);
     let mut parser = SerialParser::default();
     let mut buf = [0u8; 128];
     let reply = |s: &str| {

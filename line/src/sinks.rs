@@ -81,11 +81,12 @@ impl Sink for QueuedSink {
 }
 
 impl Drop for QueuedSink {
-    /// Let the output write what is queued, for at most a second: a blocked output must not
-    /// keep a draining process from exiting (the systemd stop timeout is deadline + 2 s).
+    /// Let the output write what is queued, for at most 300 ms (the line's three queued
+    /// outputs together within a second): a blocked output must not keep a draining process
+    /// from exiting (the systemd stop timeout is deadline + 2 s).
     fn drop(&mut self) {
         self.tx = None;
-        let _ = self.done.recv_timeout(Duration::from_secs(1));
+        let _ = self.done.recv_timeout(Duration::from_millis(300));
     }
 }
 
@@ -166,7 +167,18 @@ impl JsonlSink {
 
     fn write_line(&mut self, line: &str) -> std::io::Result<()> {
         if self.size > 0 && self.size + line.len() as u64 > self.max_bytes {
-            self.rotate()?;
+            if let Err(e) = self.rotate() {
+                // Go on appending to whatever is at the path now; the next rotation is tried a
+                // whole file later, so a failing rename cannot delete the rotated history line
+                // by line.
+                self.file = OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&self.path)
+                    .ok();
+                self.size = 0;
+                return Err(e);
+            }
         }
         if self.file.is_none() {
             self.file = Some(
@@ -177,8 +189,15 @@ impl JsonlSink {
             );
         }
         let f = self.file.as_mut().expect("opened above");
-        f.write_all(line.as_bytes())?;
-        f.flush()?;
+        if let Err(e) = f.write_all(line.as_bytes()).and_then(|_| f.flush()) {
+            // No torn line for the next one to be glued onto (disk full mid-line).
+            if let Ok(m) = f.metadata() {
+                if m.is_file() && m.len() > self.size {
+                    let _ = f.set_len(self.size);
+                }
+            }
+            return Err(e);
+        }
         self.size += line.len() as u64;
         Ok(())
     }

@@ -108,6 +108,9 @@ pub struct Health {
     pub stage_done: AtomicU64,
     /// The stage is working on a job now.
     pub stage_busy: AtomicBool,
+    /// The last tag the arbiter resolved and emitted (tags are emitted in order): the stage
+    /// skips jobs at or before it.
+    pub resolved_through: AtomicU32,
 }
 
 /// One resolved tag: what every sink receives, in tag order.

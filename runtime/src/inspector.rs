@@ -14,6 +14,7 @@ use edge_ad_calibration::bankfile::AlignedPool;
 use edge_ad_calibration::bankfile::{BankHeader, LevelInfo};
 use edge_ad_calibration::metrics;
 use edge_ad_calibration::select::{kmeans_references, random_indices, Selection};
+use edge_ad_calibration::threshold::conformal_min_scores;
 use edge_ad_calibration::{BankFile, LevelData, Threshold, ThresholdRule};
 use edge_ad_kernels::{BankDtype, LevelBank};
 use std::collections::HashSet;
@@ -515,6 +516,30 @@ pub fn calibrate(
             k
         )));
     }
+    // The conformal rule's pool check, before the long work (held out: the pool minus the
+    // references, or the whole pool with aligned references).
+    if let ThresholdRule::Conformal { reject_rate } = opts.rule {
+        if !(reject_rate > 0.0 && reject_rate < 0.5) {
+            return Err(Error::Invalid(format!(
+                "--reject-rate {reject_rate}: must be in (0, 0.5)"
+            )));
+        }
+        let aligned = opts.select == Selection::Aligned && explicit.is_none();
+        let held_out = if aligned {
+            paths.len()
+        } else {
+            paths.len() - k
+        };
+        let need = conformal_min_scores(reject_rate);
+        if held_out < need {
+            return Err(Error::Invalid(format!(
+                "{}: --reject-rate {reject_rate} needs at least {need} held-out good images to guarantee it; this pool of {} gives {held_out} — use a pool of at least {} images, or a larger rate",
+                opts.images.display(),
+                paths.len(),
+                need + if aligned { 0 } else { k }
+            )));
+        }
+    }
     let pool = FeatureSet::extract(pipeline, paths, |i, n| progress("features", i, n))?;
     let selection = if explicit.is_some() {
         "list".to_string()
@@ -623,7 +648,15 @@ pub fn calibrate(
             .collect::<Result<Vec<_>>>()?,
     };
     progress("scoring normal images", 1, 1);
-    let normal: Vec<f64> = scored.iter().map(|s| s.1.score as f64).collect();
+    // The conformal rule rests on held-out scores only: a reference scored leave-one-out is
+    // biased high (a k-means reference is alone in its cluster). Aligned banks leave every pool
+    // image out of its own references, as at inspection, so all of them count.
+    let conformal = matches!(opts.rule, ThresholdRule::Conformal { .. });
+    let normal: Vec<f64> = scored
+        .iter()
+        .filter(|s| !(conformal && s.2 && matches!(scorer, Scorer::Fixed(_))))
+        .map(|s| s.1.score as f64)
+        .collect();
     let defect_scores: Vec<ScoredImage> = match &defects {
         None => Vec::new(),
         Some(d) => d
@@ -645,7 +678,21 @@ pub fn calibrate(
         let d: Vec<f64> = defect_scores.iter().map(|s| s.score).collect();
         Threshold::between(&normal, &d, opts.rule)
     }
-    .map_err(Error::Invalid)?;
+    .map_err(|e| {
+        Error::Invalid(match opts.rule {
+            ThresholdRule::Conformal { reject_rate }
+                if normal.len() < conformal_min_scores(reject_rate) =>
+            {
+                format!(
+                    "{}: {e} (a pool of at least {} images with {} references)",
+                    opts.images.display(),
+                    conformal_min_scores(reject_rate) + if aligned { 0 } else { k },
+                    k
+                )
+            }
+            _ => e,
+        })
+    })?;
 
     let mut order: Vec<usize> = (0..scored.len()).collect();
     order.sort_by(|&a, &b| scored[b].1.score.total_cmp(&scored[a].1.score));

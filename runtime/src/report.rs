@@ -19,6 +19,9 @@ fn rule_text(r: &ThresholdRule) -> String {
         ThresholdRule::Quantile { false_reject } => {
             format!("false-reject budget {false_reject} (quantile of the normal scores)")
         }
+        ThresholdRule::Conformal { reject_rate } => format!(
+            "false-reject budget {reject_rate}, conformal order statistic of the held-out scores"
+        ),
     }
 }
 
@@ -70,6 +73,14 @@ pub fn summary(h: &BankHeader, r: &CalibrationReport) -> String {
         );
     } else {
         let _ = writeln!(s, "threshold {:.4} ({})", t.value, rule_text(&t.rule));
+    }
+    if let Some(rate) = t.expected_false_reject {
+        let _ = writeln!(
+            s,
+            "expected false-reject rate {:.2} % for a new good part (rests on {} held-out images; references are not among them)",
+            100.0 * rate,
+            t.normal_count
+        );
     }
     s
 }
