@@ -372,7 +372,20 @@ fn supervise(
     health: &Health,
 ) -> Result<Counters> {
     let notifier = crate::notify::Notifier::from_env();
-    // systemd: up, outputs safe (the line may still be Faulted: READY on the wire says that).
+    // systemd: up once the self-test has decided (Running, Ready or Faulted: READY on the wire
+    // says which), with the outputs safe. A Faulted line is still "up", so that a missing camera
+    // does not become a restart loop. The self-test is bounded (a camera waits 5 s for a frame);
+    // the wait is bounded too, and SIGTERM ends it.
+    let t0 = Instant::now();
+    while matches!(
+        handle.status().state,
+        LineState::Booting | LineState::SelfTest
+    ) && t0.elapsed() < Duration::from_secs(60)
+        && !STOP.load(Ordering::SeqCst)
+        && !join.is_finished()
+    {
+        std::thread::sleep(Duration::from_millis(5));
+    }
     notifier.send("READY=1");
     let mut watchdog = notifier.watchdog().map(|w| StageWatchdog::new(w / 2));
     let mut last_state = None;

@@ -1,7 +1,8 @@
 //! systemd notification (`Type=notify`, line-side.md §6.5): `READY=1` once the daemon is up with
-//! its outputs in the safe state (even when the line itself is Faulted, so that a missing camera
-//! does not become a restart loop), `STATUS=` on state changes, `WATCHDOG=1` only while the
-//! arbiter keeps making progress, `STOPPING=1` when draining. Without `NOTIFY_SOCKET` it does
+//! its outputs in the safe state and the self-test has decided (even when the line itself is
+//! Faulted, so that a missing camera does not become a restart loop), `STATUS=` on state
+//! changes, `WATCHDOG=1` only while the inspection stage makes progress, `STOPPING=1` when
+//! draining. Without `NOTIFY_SOCKET` it does
 //! nothing.
 
 use std::os::unix::net::UnixDatagram;
