@@ -361,23 +361,6 @@ fn device_cuda_without_a_gpu_is_a_clear_error_and_auto_falls_back() {
     assert!(err.contains("tpu"), "{err}");
 }
 
-/// A demo bank calibrated into `dir`.
-fn demo_bank(dir: &Path) -> PathBuf {
-    let b = dir.join("demo.eab");
-    ok(&[
-        "calibrate",
-        "--model",
-        s(&demo_model()),
-        "--refs",
-        "4",
-        "--images",
-        s(&root().join("demo/images/good")),
-        "--out",
-        s(&b),
-    ]);
-    b
-}
-
 /// `src` rewritten as a hand editor would: header JSON and payload edited, the header length
 /// and the trailing SHA-256 recomputed, so that only the reader's own checks can refuse it.
 fn edited_bank(

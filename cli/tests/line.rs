@@ -24,19 +24,7 @@ fn socat() -> bool {
 
 /// A demo bank in `dir`.
 fn bank(dir: &Path) -> PathBuf {
-    let b = dir.join("demo.eab");
-    ok(&[
-        "calibrate",
-        "--model",
-        s(&demo_model()),
-        "--refs",
-        "4",
-        "--images",
-        s(&root().join("demo/images/good")),
-        "--out",
-        s(&b),
-    ]);
-    b
+    demo_bank(dir)
 }
 
 fn free_port() -> u16 {

@@ -24,15 +24,21 @@ pub trait Stage: Send {
     /// number, through the same path as a part. `Err` carries the ERROR_CODE. Run at start and
     /// after every FAULT_ACK, so a line never returns to Running on trust.
     fn self_test(&mut self) -> Result<(), u16> {
-        match self.inspect(0) {
-            Ok((score, _)) if score.is_finite() => Ok(()),
-            Ok((score, _)) => {
-                log::error!("self-test: score {score} is not finite");
-                Err(code::SELF_TEST)
-            }
-            Err(ErrCause::Capture) => Err(ErrCause::Capture as u16),
-            Err(_) => Err(code::SELF_TEST),
+        self_test_outcome(self.inspect(0))
+    }
+}
+
+/// A self-test frame's result as the self-test's: a finite score passes; a capture error is
+/// 0x0203, anything else (inference, a non-finite score) 0x0402.
+pub fn self_test_outcome(r: StageResult) -> Result<(), u16> {
+    match r {
+        Ok((score, _)) if score.is_finite() => Ok(()),
+        Ok((score, _)) => {
+            log::error!("self-test: score {score} is not finite");
+            Err(code::SELF_TEST)
         }
+        Err(ErrCause::Capture) => Err(ErrCause::Capture as u16),
+        Err(_) => Err(code::SELF_TEST),
     }
 }
 

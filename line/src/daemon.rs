@@ -54,15 +54,7 @@ impl Stage for InspectStage {
     fn self_test(&mut self) -> Result<(), u16> {
         let saved = self.next;
         self.next = 0;
-        let r = match self.inspect(0) {
-            Ok((score, _)) if score.is_finite() => Ok(()),
-            Ok((score, _)) => {
-                log::error!("self-test: score {score} is not finite");
-                Err(code::SELF_TEST)
-            }
-            Err(ErrCause::Capture) => Err(ErrCause::Capture as u16),
-            Err(_) => Err(code::SELF_TEST),
-        };
+        let r = arbiter::self_test_outcome(self.inspect(0));
         self.next = saved;
         r
     }

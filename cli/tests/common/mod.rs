@@ -84,3 +84,20 @@ pub fn venv_python() -> Option<PathBuf> {
     eprintln!("SKIPPED: .venv not set up (run tools/setup.sh)");
     None
 }
+
+/// A demo bank (4 references from the bundled good parts) calibrated into `dir`.
+pub fn demo_bank(dir: &Path) -> PathBuf {
+    let b = dir.join("demo.eab");
+    ok(&[
+        "calibrate",
+        "--model",
+        s(&demo_model()),
+        "--refs",
+        "4",
+        "--images",
+        s(&root().join("demo/images/good")),
+        "--out",
+        s(&b),
+    ]);
+    b
+}
