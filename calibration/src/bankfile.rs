@@ -827,7 +827,11 @@ mod tests {
                         dtype: "f32".into(),
                     },
                 ],
-                threshold: Threshold::from_scores(&[0.5, 0.6], ThresholdRule::default()).unwrap(),
+                threshold: Threshold::from_scores(
+                    &[0.5, 0.6],
+                    ThresholdRule::MaxTimesMargin { margin: 1.05 },
+                )
+                .unwrap(),
                 aligned: None,
                 written_by: "test".into(),
             },

@@ -1,4 +1,4 @@
-//! Detection metrics.
+//! Detection metrics: the field's (AUROC, AUPRO, F1-max) and the line's (verdicts at a threshold).
 
 /// Image-level AUROC: the probability that a random defective image scores above a random normal
 /// one (ties count one half). `None` when either class is empty.
@@ -179,6 +179,53 @@ pub fn aupro(cases: &[PixelCase], max_fpr: f64) -> Option<f64> {
     Some(area / max_fpr)
 }
 
+/// A line's view of a threshold: how many good parts it rejects and how many defective parts
+/// it passes. A part is NG when its score is above the threshold or not finite (the one verdict
+/// rule, [`crate::Threshold::rejects`]).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct OperatingPoint {
+    /// Scores strictly above are NG.
+    pub threshold: f64,
+    /// Good parts rejected.
+    pub false_rejects: usize,
+    /// Good parts scored.
+    pub good: usize,
+    /// Defective parts passed as OK.
+    pub escapes: usize,
+    /// Defective parts scored.
+    pub defective: usize,
+}
+
+impl OperatingPoint {
+    /// Count the verdicts of `good` and `defective` scores at `threshold`.
+    pub fn at(threshold: f64, good: &[f64], defective: &[f64]) -> Self {
+        let ng = |s: f64| !s.is_finite() || s > threshold;
+        Self {
+            threshold,
+            false_rejects: good.iter().filter(|&&s| ng(s)).count(),
+            good: good.len(),
+            escapes: defective.iter().filter(|&&s| !ng(s)).count(),
+            defective: defective.len(),
+        }
+    }
+
+    /// The operating point that rejects at most `rate` of the `good` scores (the oracle: the
+    /// threshold is read off the test goods themselves, so it says what the ranking allows, not
+    /// what a calibrated box does): the threshold is the `(⌊rate·n⌋+1)`-th largest good score.
+    /// `None` without good scores or for a rate outside `[0, 1)`.
+    pub fn at_false_reject_rate(rate: f64, good: &[f64], defective: &[f64]) -> Option<Self> {
+        if good.is_empty() || !(0.0..1.0).contains(&rate) {
+            return None;
+        }
+        let mut sorted: Vec<f64> = good.to_vec();
+        // Non-finite good scores are rejected whatever the threshold: they count first.
+        sorted.sort_by(|a, b| a.is_finite().cmp(&b.is_finite()).then(b.total_cmp(a)));
+        let allowed = (rate * good.len() as f64 + 1e-9).floor() as usize;
+        let threshold = sorted[allowed.min(good.len() - 1)];
+        Some(Self::at(threshold, good, defective))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -246,5 +293,37 @@ mod tests {
         assert!((aupro(std::slice::from_ref(&case), 0.3).unwrap() - 0.75).abs() < 1e-12);
         let full = aupro(&[case], 1.0).unwrap();
         assert!((full - (0.25 + 0.25 + 1.0 / 3.0)).abs() < 1e-12, "{full}");
+    }
+
+    /// Operating points on a constructed score set: 100 goods 0.00..0.99, defects 0.50..0.99.
+    #[test]
+    fn operating_points_count_verdicts() {
+        let good: Vec<f64> = (0..100).map(|i| i as f64 / 100.0).collect();
+        let defective: Vec<f64> = (50..100).map(|i| i as f64 / 100.0 + 0.005).collect();
+        let p = OperatingPoint::at(0.9, &good, &defective);
+        // Goods 0.91..0.99 rejected (9); defects 0.505..0.895 pass (40).
+        assert_eq!(
+            (p.false_rejects, p.escapes, p.good, p.defective),
+            (9, 40, 100, 50)
+        );
+        // 1 %: the 2nd largest good (0.98) → 1 false reject; defects ≤ 0.98: 0.505..0.975 = 48.
+        let p = OperatingPoint::at_false_reject_rate(0.01, &good, &defective).unwrap();
+        assert_eq!((p.threshold, p.false_rejects, p.escapes), (0.98, 1, 48));
+        // 5 %: the 6th largest (0.94) → 5 false rejects, 44 escapes.
+        let p = OperatingPoint::at_false_reject_rate(0.05, &good, &defective).unwrap();
+        assert_eq!((p.threshold, p.false_rejects, p.escapes), (0.94, 5, 44));
+        // 0 %: the largest good.
+        let p = OperatingPoint::at_false_reject_rate(0.0, &good, &defective).unwrap();
+        assert_eq!((p.threshold, p.false_rejects), (0.99, 0));
+        // 34 goods at 1 %: ⌊0.34⌋ = 0 allowed → the largest good, as at 0 %.
+        let p = OperatingPoint::at_false_reject_rate(0.01, &good[..34], &[]).unwrap();
+        assert_eq!((p.threshold, p.false_rejects), (0.33, 0));
+        // A NaN score is NG on both sides: a NaN good is a false reject, a NaN defect is caught.
+        let p = OperatingPoint::at(0.5, &[0.1, f64::NAN], &[f64::NAN, 0.2]);
+        assert_eq!((p.false_rejects, p.escapes), (1, 1));
+        let p = OperatingPoint::at_false_reject_rate(0.5, &[0.1, f64::NAN, 0.3, 0.2], &[]).unwrap();
+        assert_eq!((p.threshold, p.false_rejects), (0.2, 2));
+        assert!(OperatingPoint::at_false_reject_rate(0.01, &[], &[1.0]).is_none());
+        assert!(OperatingPoint::at_false_reject_rate(1.0, &good, &[]).is_none());
     }
 }

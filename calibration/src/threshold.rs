@@ -56,6 +56,18 @@ pub fn conformal_rank(n: usize, p: f64) -> usize {
     (((n + 1) as f64) * (1.0 - p) - 1e-9).ceil() as usize
 }
 
+impl std::fmt::Display for ThresholdRule {
+    /// As `--rule` reads it (`conformal:0.02`, `max*1.05`, `mean+3sigma`, `quantile:0.01`).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ThresholdRule::MaxTimesMargin { margin } => write!(f, "max*{margin}"),
+            ThresholdRule::MeanPlusKSigma { k } => write!(f, "mean+{k}sigma"),
+            ThresholdRule::Quantile { false_reject } => write!(f, "quantile:{false_reject}"),
+            ThresholdRule::Conformal { reject_rate } => write!(f, "conformal:{reject_rate}"),
+        }
+    }
+}
+
 impl std::str::FromStr for ThresholdRule {
     type Err = String;
     /// `max*1.05`, `mean+3sigma`, `quantile:0.01`.
@@ -106,9 +118,40 @@ pub struct DefectStats {
     pub misses: usize,
 }
 
+/// The default false-reject budget: 2 % of good parts. A line engineer can afford to re-check
+/// one good part in fifty; the guarantee needs 49 held-out scores, which a pool of 60 gives
+/// (docs/calibration.md §4).
+pub const DEFAULT_REJECT_RATE: f64 = 0.02;
+
 impl Default for ThresholdRule {
+    /// `conformal:0.02` ([`DEFAULT_REJECT_RATE`]); see [`ThresholdRule::default_for`] for pools
+    /// too small to guarantee it.
     fn default() -> Self {
-        ThresholdRule::MaxTimesMargin { margin: 1.05 }
+        ThresholdRule::Conformal {
+            reject_rate: DEFAULT_REJECT_RATE,
+        }
+    }
+}
+
+impl ThresholdRule {
+    /// The default rule for `n` held-out normal scores: `conformal:0.02` when `n` is large enough
+    /// to guarantee it (49), otherwise the largest held-out score — the conformal rule at the
+    /// finest budget `n` scores can state, `1/(n+1)` — with the reason in words (for the log and
+    /// the report): nobody asked for 2 %, so a small pool is no error, but the stated rate says
+    /// what it really rests on.
+    pub fn default_for(n: usize) -> (ThresholdRule, Option<String>) {
+        let need = conformal_min_scores(DEFAULT_REJECT_RATE);
+        if n >= need {
+            return (ThresholdRule::default(), None);
+        }
+        let p = 1.0 / (n.max(1) + 1) as f64;
+        (
+            ThresholdRule::Conformal { reject_rate: p },
+            Some(format!(
+                "{n} held-out good images are too few for the default 2 % false-reject budget (it needs {need}): the threshold is their highest score, which bounds the false-reject rate by 1/(n+1) = {:.1} %; calibrate with a pool of more good parts for a finer one",
+                100.0 * p
+            )),
+        )
     }
 }
 
@@ -180,7 +223,8 @@ impl Threshold {
                     "false-reject budget {false_reject} must be in [0, 1)"
                 ))
             }
-            ThresholdRule::Conformal { reject_rate: p } if p > 0.0 && p < 0.5 => {
+            // 0.5 itself only from `default_for(1)`: one held-out score states no finer rate.
+            ThresholdRule::Conformal { reject_rate: p } if p > 0.0 && p <= 0.5 => {
                 let k = conformal_rank(scores.len(), p);
                 if k > scores.len() {
                     return Err(format!(
@@ -306,7 +350,7 @@ mod tests {
         assert_eq!(conformal_min_scores(0.02), 49);
         assert_eq!(conformal_min_scores(0.05), 19);
         assert_eq!(conformal_rank(99, 0.01), 99);
-        for p in [0.0, 0.5, 0.7, -0.1, f64::NAN] {
+        for p in [0.0, 0.7, -0.1, f64::NAN] {
             let e = Threshold::from_scores(&scores, ThresholdRule::Conformal { reject_rate: p })
                 .unwrap_err();
             assert!(e.contains("(0, 0.5)"), "{p}: {e}");
@@ -357,13 +401,49 @@ mod tests {
         let held_out: Vec<f64> = (0..52).map(|i| 0.60 + 0.004 * i as f64).collect(); // ≤ 0.804
         let references = [0.90, 0.86, 0.85, 0.84, 0.83, 0.82, 0.81, 0.80];
         let all: Vec<f64> = held_out.iter().chain(&references).copied().collect();
-        let old = Threshold::from_scores(&all, ThresholdRule::default()).unwrap();
+        let old =
+            Threshold::from_scores(&all, ThresholdRule::MaxTimesMargin { margin: 1.05 }).unwrap();
         assert!((old.value - 0.945).abs() < 1e-9, "{}", old.value);
         let new = Threshold::from_scores(&held_out, ThresholdRule::Conformal { reject_rate: 0.02 })
             .unwrap();
         assert!((new.value - 0.804).abs() < 1e-9, "{}", new.value);
         // A defect scoring 0.85 escapes the old rule and is caught by the new one.
         assert!(!old.rejects(0.85) && new.rejects(0.85));
+    }
+
+    /// The default rule: 2 % with a guarantee when the pool allows it; below 49 held-out scores
+    /// their maximum, stated as 1/(n+1), with the reason.
+    #[test]
+    fn default_rule_follows_the_held_out_count() {
+        assert_eq!(
+            ThresholdRule::default(),
+            ThresholdRule::Conformal { reject_rate: 0.02 }
+        );
+        assert_eq!(
+            ThresholdRule::default_for(49),
+            (ThresholdRule::default(), None)
+        );
+        assert_eq!(ThresholdRule::default_for(60).0, ThresholdRule::default());
+        let (rule, why) = ThresholdRule::default_for(8);
+        assert_eq!(
+            rule,
+            ThresholdRule::Conformal {
+                reject_rate: 1.0 / 9.0
+            }
+        );
+        let why = why.unwrap();
+        assert!(
+            why.contains("8 held-out") && why.contains("needs 49") && why.contains("11.1 %"),
+            "{why}"
+        );
+        let scores = [0.3, 0.9, 0.5, 0.4, 0.6, 0.2, 0.7, 0.8];
+        let t = Threshold::from_scores(&scores, rule).unwrap();
+        assert_eq!(t.value, 0.9);
+        assert!((t.expected_false_reject.unwrap() - 1.0 / 9.0).abs() < 1e-12);
+        // One held-out score: the threshold is that score, rate one half.
+        let (rule, _) = ThresholdRule::default_for(1);
+        let t = Threshold::from_scores(&[0.4], rule).unwrap();
+        assert_eq!((t.value, t.expected_false_reject), (0.4, Some(0.5)));
     }
 
     #[test]
@@ -411,6 +491,16 @@ mod tests {
             "quantile:0.02".parse::<ThresholdRule>().unwrap(),
             ThresholdRule::Quantile { false_reject: 0.02 }
         );
+        for r in [
+            ThresholdRule::default(),
+            ThresholdRule::MaxTimesMargin { margin: 1.05 },
+            ThresholdRule::MeanPlusKSigma { k: 3.0 },
+            ThresholdRule::Quantile { false_reject: 0.01 },
+            ThresholdRule::default_for(8).0,
+        ] {
+            assert_eq!(r.to_string().parse::<ThresholdRule>().unwrap(), r);
+        }
+        assert_eq!(ThresholdRule::default().to_string(), "conformal:0.02");
         let e = "max*x".parse::<ThresholdRule>().unwrap_err();
         assert!(e.contains("`x`"), "{e}");
         assert!("median".parse::<ThresholdRule>().is_err());
@@ -419,24 +509,43 @@ mod tests {
     #[test]
     fn defects_place_the_threshold_between_the_classes() {
         let normal = [1.0, 2.0, 3.0];
-        let t = Threshold::between(&normal, &[5.0, 6.0], ThresholdRule::default()).unwrap();
+        let t = Threshold::between(
+            &normal,
+            &[5.0, 6.0],
+            ThresholdRule::MaxTimesMargin { margin: 1.05 },
+        )
+        .unwrap();
         assert_eq!(t.value, 4.0);
         let d = t.defects.as_ref().unwrap();
         assert_eq!((d.gap, d.false_rejects, d.misses), (2.0, 0, 0));
         // Overlap: defect 2.5 lies among the normals. Cuts: at 2.0 → 1 false reject (3.0) and
         // 0 misses; at 3.0 → 0 false rejects, 1 miss (2.5). Equal errors: the lower cut wins.
-        let t = Threshold::between(&normal, &[2.5, 6.0], ThresholdRule::default()).unwrap();
+        let t = Threshold::between(
+            &normal,
+            &[2.5, 6.0],
+            ThresholdRule::MaxTimesMargin { margin: 1.05 },
+        )
+        .unwrap();
         assert_eq!(t.value, 2.0);
         let d = t.defects.unwrap();
         assert_eq!((d.false_rejects, d.misses), (1, 0));
         assert!(d.gap < 0.0);
-        assert!(Threshold::between(&normal, &[], ThresholdRule::default()).is_err());
+        assert!(
+            Threshold::between(&normal, &[], ThresholdRule::MaxTimesMargin { margin: 1.05 })
+                .is_err()
+        );
     }
 
     #[test]
     fn bad_inputs_are_refused() {
-        assert!(Threshold::from_scores(&[], ThresholdRule::default()).is_err());
-        assert!(Threshold::from_scores(&[1.0, f64::NAN], ThresholdRule::default()).is_err());
+        assert!(
+            Threshold::from_scores(&[], ThresholdRule::MaxTimesMargin { margin: 1.05 }).is_err()
+        );
+        assert!(Threshold::from_scores(
+            &[1.0, f64::NAN],
+            ThresholdRule::MaxTimesMargin { margin: 1.05 }
+        )
+        .is_err());
         assert!(
             Threshold::from_scores(&[1.0], ThresholdRule::MaxTimesMargin { margin: 0.5 }).is_err()
         );
@@ -445,7 +554,12 @@ mod tests {
     #[test]
     fn separation_without_spread_stays_finite_and_survives_json() {
         // One image per class: no spread, the ratio overflowed to infinity (written as `null`).
-        let t = Threshold::between(&[1.0], &[10.0], ThresholdRule::default()).unwrap();
+        let t = Threshold::between(
+            &[1.0],
+            &[10.0],
+            ThresholdRule::MaxTimesMargin { margin: 1.05 },
+        )
+        .unwrap();
         let d = t.defects.as_ref().unwrap();
         assert_eq!((d.gap, d.separation), (9.0, f64::MAX));
         let back: Threshold = serde_json::from_str(&serde_json::to_string(&t).unwrap()).unwrap();

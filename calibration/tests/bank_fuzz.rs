@@ -94,7 +94,12 @@ fn identity() -> Identity {
 }
 
 fn threshold() -> Threshold {
-    Threshold::between(&[0.4, 0.5, 0.55], &[0.9, 1.2], ThresholdRule::default()).unwrap()
+    Threshold::between(
+        &[0.4, 0.5, 0.55],
+        &[0.9, 1.2],
+        ThresholdRule::MaxTimesMargin { margin: 1.05 },
+    )
+    .unwrap()
 }
 
 fn header(levels: Vec<LevelInfo>, aligned: Option<AlignedPool>) -> BankHeader {

@@ -75,10 +75,13 @@ enum Command {
     /// Build a reference bank from good parts and set the decision threshold.
     ///
     /// Computes the features of every image of --images (the pool), chooses --refs references
-    /// from it (--select: k-means over a global descriptor by default, or first, random; or exactly
-    /// those of --refs-list), scores every other pool image against the bank and every reference
-    /// against the bank of the others (leave-one-out), and sets the threshold from those normal
-    /// scores (--rule; default max × 1.05). With --defects (a few known-bad parts) the threshold
+    /// from it (--select: k-means over a global descriptor by default, or first, random, aligned;
+    /// or exactly those of --refs-list), scores every other pool image against the bank and every
+    /// reference against a bank chosen the same way without it (held-out scores), and sets the
+    /// threshold from those scores: by default a 2 % false-reject budget with a guarantee (the
+    /// conformal order statistic; needs 49 held-out images, fewer give their maximum and say
+    /// which rate that states), or --reject-rate P, or another --rule. With --defects (a few
+    /// known-bad parts) the threshold
     /// is placed between the classes and the separation reported. --levels chooses the scored
     /// levels (auto: from data). The bank is written atomically; a report (histogram, contact
     /// sheet, heatmaps, summary) goes next to it.
@@ -94,6 +97,12 @@ enum Command {
     /// ground_truth/<type>/<stem>_mask.png. Every combination of --fit, --select and --levels
     /// (each a comma-separated list; --levels sets separated by `;`) is evaluated, features
     /// computed once per framing. Prints a table (or --json, one object per combination).
+    ///
+    /// The line's view of each combination: the threshold calibrate would set from train/good
+    /// (same held-out scores, same rule: the default or --rule / --reject-rate), with the false
+    /// rejects (FR) and escapes (defects passed) it gives on test/; and the escapes when at most
+    /// 1 % and 5 % of the test goods may be rejected (esc@1%, esc@5%: the threshold read off the
+    /// test goods, what the ranking allows).
     Eval(EvalArgs),
     /// The line daemon: triggers in, verdicts out (Modbus TCP/RTU, serial ASCII, result log),
     /// fail-safe: a part is passed only when it was inspected OK within its deadline.
@@ -167,9 +176,8 @@ struct CalibrateArgs {
     /// Folder of known-bad parts: the threshold goes between the classes.
     #[arg(long)]
     defects: Option<PathBuf>,
-    /// Threshold rule: max*MARGIN | mean+Ksigma | quantile:BUDGET (e.g. quantile:0.01).
-    #[arg(long, conflicts_with_all = ["margin", "sigma"])]
-    rule: Option<ThresholdRule>,
+    #[command(flatten)]
+    threshold: RuleArgs,
     /// Folder for the calibration report (default: the bank's path with `.report`).
     #[arg(long)]
     report: Option<PathBuf>,
@@ -182,6 +190,16 @@ struct CalibrateArgs {
     /// Bank precision: f16 (default) or f32.
     #[arg(long, default_value = "f16", value_parser = parse_dtype)]
     bank_dtype: BankDtype,
+}
+
+/// How the threshold is set from the held-out good scores (calibrate, and eval's operating
+/// point).
+#[derive(Args, Debug)]
+struct RuleArgs {
+    /// Threshold rule: conformal:P (the default, P = 0.02) | max*MARGIN | mean+Ksigma |
+    /// quantile:BUDGET (e.g. quantile:0.01).
+    #[arg(long, conflicts_with_all = ["margin", "sigma"])]
+    rule: Option<ThresholdRule>,
     /// Threshold = max normal score × MARGIN.
     #[arg(long, conflicts_with = "sigma")]
     margin: Option<f64>,
@@ -191,8 +209,29 @@ struct CalibrateArgs {
     /// False-reject budget P in (0, 0.5): the threshold is the ⌈(n+1)(1−P)⌉-th smallest of the
     /// n held-out good scores (split conformal prediction), so a new good part is rejected with
     /// probability at most P; needs n ≥ ⌈1/P⌉ − 1 (49 for 0.02). Same as --rule conformal:P.
+    /// Without any rule: 0.02, or the largest held-out score when the pool is too small for it.
     #[arg(long, allow_negative_numbers = true, conflicts_with_all = ["margin", "sigma", "rule"])]
     reject_rate: Option<f64>,
+}
+
+impl RuleArgs {
+    /// The rule asked for; `None`: the default.
+    fn resolve(self) -> Result<Option<ThresholdRule>> {
+        Ok(
+            match (self.rule, self.margin, self.sigma, self.reject_rate) {
+                (_, _, _, Some(p)) => {
+                    if !(p > 0.0 && p < 0.5) {
+                        anyhow::bail!("--reject-rate {p}: must be in (0, 0.5), e.g. 0.02 for 2 % of good parts rejected");
+                    }
+                    Some(ThresholdRule::Conformal { reject_rate: p })
+                }
+                (Some(r), _, _, None) => Some(r),
+                (None, _, Some(k), None) => Some(ThresholdRule::MeanPlusKSigma { k }),
+                (None, Some(m), None, None) => Some(ThresholdRule::MaxTimesMargin { margin: m }),
+                (None, None, None, None) => None,
+            },
+        )
+    }
 }
 
 /// Arguments of `edge-ad inspect`.
@@ -256,6 +295,9 @@ struct EvalArgs {
     /// Bank precision: f16 (default) or f32.
     #[arg(long, default_value = "f16", value_parser = parse_dtype)]
     bank_dtype: BankDtype,
+    /// The threshold rule of the operating-point columns (as calibrate's).
+    #[command(flatten)]
+    threshold: RuleArgs,
     /// One JSON object per combination instead of a table.
     #[arg(long)]
     json: bool,
@@ -563,28 +605,13 @@ fn cmd_calibrate(args: CalibrateArgs) -> Result<()> {
         seed,
         levels,
         defects,
-        rule,
+        threshold,
         report: report_dir,
         images,
         out,
         bank_dtype,
-        margin,
-        sigma,
-        reject_rate,
     } = args;
-    let rule = match (rule, margin, sigma) {
-        _ if reject_rate.is_some() => {
-            let p = reject_rate.unwrap_or_default();
-            if !(p > 0.0 && p < 0.5) {
-                anyhow::bail!("--reject-rate {p}: must be in (0, 0.5), e.g. 0.02 for 2 % of good parts rejected");
-            }
-            ThresholdRule::Conformal { reject_rate: p }
-        }
-        (Some(r), _, _) => r,
-        (None, _, Some(k)) => ThresholdRule::MeanPlusKSigma { k },
-        (None, Some(m), None) => ThresholdRule::MaxTimesMargin { margin: m },
-        (None, None, None) => ThresholdRule::default(),
-    };
+    let rule = threshold.resolve()?;
     // Fail before the long work if the bank cannot be written there.
     let dir = out
         .parent()
@@ -723,9 +750,11 @@ fn cmd_eval(args: EvalArgs) -> Result<()> {
         levels,
         seed,
         bank_dtype,
+        threshold,
         json,
         per_type,
     } = args;
+    let rule = threshold.resolve()?;
     let base = PipelineOptions {
         model,
         onnx,
@@ -747,11 +776,24 @@ fn cmd_eval(args: EvalArgs) -> Result<()> {
         levels,
         seed,
         bank_dtype,
+        rule,
     };
     if !json {
         println!(
-            "{:<8} {:<7} {:<10} {:>5} {:>7} {:>7} {:>7} {:>7}",
-            "fit", "select", "levels", "tiles", "I-AUROC", "P-AUROC", "AUPRO", "I-F1max"
+            "{:<8} {:<7} {:<10} {:>5} {:>7} {:>7} {:>7} {:>7} {:>9} {:>6} {:>6} {:>6} {:>6}",
+            "fit",
+            "select",
+            "levels",
+            "tiles",
+            "I-AUROC",
+            "P-AUROC",
+            "AUPRO",
+            "I-F1max",
+            "threshold",
+            "FR",
+            "escape",
+            "esc@1%",
+            "esc@5%"
         );
     }
     let print_row = |r: &EvalRow| {
@@ -765,9 +807,9 @@ fn cmd_eval(args: EvalArgs) -> Result<()> {
             .map(|l| l.to_string())
             .collect::<Vec<_>>()
             .join(",");
-        let line = |name: &str, m: &eval::Metrics| {
+        let line = |name: &str, m: &eval::Metrics, op: &str| {
             println!(
-                "{:<8} {:<7} {:<10} {:>5.2} {:>7.3} {:>7.3} {:>7.3} {:>7.3}",
+                "{:<8} {:<7} {:<10} {:>5.2} {:>7.3} {:>7.3} {:>7.3} {:>7.3}{op}",
                 name,
                 r.selection,
                 lv,
@@ -778,10 +820,42 @@ fn cmd_eval(args: EvalArgs) -> Result<()> {
                 m.image_f1_max
             )
         };
-        line(&r.fit, &r.overall);
+        let o = &r.operating;
+        let ratio = |p: &Option<edge_ad_calibration::metrics::OperatingPoint>, fr: bool| {
+            p.map_or("–".to_string(), |p| {
+                if fr {
+                    format!("{}/{}", p.false_rejects, p.good)
+                } else {
+                    format!("{}/{}", p.escapes, p.defective)
+                }
+            })
+        };
+        let op = format!(
+            " {:>9} {:>6} {:>6} {:>6} {:>6}",
+            o.calibrated
+                .map_or("–".to_string(), |p| format!("{:.4}", p.threshold)),
+            ratio(&o.calibrated, true),
+            ratio(&o.calibrated, false),
+            ratio(&o.at_1pct_false_rejects, false),
+            ratio(&o.at_5pct_false_rejects, false)
+        );
+        line(&r.fit, &r.overall, &op);
+        match (&o.error, &o.note) {
+            (Some(e), _) => println!("  operating point: {e}"),
+            (None, note) => println!(
+                "  threshold by {} on {} held-out good images of train/good{}{}",
+                o.rule,
+                o.held_out,
+                o.expected_false_reject.map_or(String::new(), |p| format!(
+                    ", stated false-reject rate {:.2} %",
+                    100.0 * p
+                )),
+                note.as_ref().map_or(String::new(), |n| format!(" ({n})"))
+            ),
+        }
         if per_type {
             for (k, m) in &r.per_type {
-                line(&format!("  {k}"), m);
+                line(&format!("  {k}"), m, "");
             }
         }
     };

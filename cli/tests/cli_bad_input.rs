@@ -525,14 +525,26 @@ fn reject_rate_is_checked_and_stated() {
     }
     let err = fails(&args(&cal("0.02")));
     assert!(
-        err.contains("needs at least 49 held-out") && err.contains("at least 53 images"),
+        err.contains("needs at least 49 held-out")
+            && err.contains("gives 8")
+            && err.contains("at least 49 images"),
         "{err}"
     );
     assert!(!out.exists());
-    // 8 images, 4 references: 4 held out; P = 0.2 needs 4: k = ⌈5 × 0.8⌉ = 4, rate 1/5.
+    // 8 images, 4 references redrawn: 8 held out; P = 0.2: k = ⌈9 × 0.8⌉ = 8, rate 1/9.
     let text = ok(&args(&cal("0.2")));
     assert!(
-        text.contains("expected false-reject rate 20.00 %") && text.contains("rests on 4 held-out"),
+        text.contains("expected false-reject rate 11.11 %") && text.contains("rests on 8 held-out"),
+        "{text}"
+    );
+    // The default rule on the same pool: too few for 2 %, so the largest of the 8, stated as
+    // 1/9, with the reason; no error.
+    let mut default = cal("");
+    default.truncate(default.len() - 2);
+    let text = ok(&args(&default));
+    assert!(
+        text.contains("expected false-reject rate 11.11 %")
+            && text.contains("note: 8 held-out good images are too few for the default 2 %"),
         "{text}"
     );
 }

@@ -85,7 +85,8 @@ fn calibrate_then_inspect_json_heatmaps_and_dumps() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(
         summary.contains("references (4, kmeans (seed 0) 4 of 8")
-            && summary.contains("normal scores (8 images: 4 held out, 4 references left out)")
+            && summary.contains("normal scores: 8 held out")
+            && summary.contains("the threshold rests on 8")
             && summary.contains("threshold"),
         "{summary}"
     );
@@ -437,8 +438,14 @@ fn magnetic_tile_defaults_reach_the_auroc_goal_with_dinov2() {
     );
     let header = edge_ad_calibration::BankFile::load(&bank).unwrap().header;
     assert_eq!(header.scored_levels(), vec![2, 3]);
-    // 60 pool images: 52 held out + 8 references left out.
+    // 60 pool images, all held out (the references redrawn); the default 2 % budget with its
+    // guarantee: the ⌈61 × 0.98⌉ = 60th smallest, stated rate 1/61.
     assert_eq!(header.threshold.normal_count, 60);
+    assert_eq!(
+        header.threshold.rule,
+        edge_ad_calibration::ThresholdRule::Conformal { reject_rate: 0.02 }
+    );
+    assert!((header.threshold.expected_false_reject.unwrap() - 1.0 / 61.0).abs() < 1e-12);
     let (normal, defect) = inspect_scores(&model, &bank, &shared.join("test"));
     assert_eq!((normal.len(), defect.len()), (34, 36));
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
@@ -600,7 +607,8 @@ fn defects_threshold_selection_modes_and_report() {
     );
     assert_eq!(r1.references, r2.references);
     assert!(r1.selection.starts_with("random (seed 5)"));
-    // Leave-one-out: all 8 pool images are normal scores (4 held out + 4 references left out).
+    // All 8 pool images are held-out scores (4 references redrawn: scored against the first 4
+    // of the other 7).
     assert_eq!(first.threshold.normal_count, 8);
 }
 
@@ -685,6 +693,48 @@ fn eval_agrees_with_calibrate_and_inspect_on_magnetic_tile() {
         .unwrap();
     let e = row["overall"]["image_auroc"].as_f64().unwrap();
     assert!((auroc - e).abs() < 1e-12, "inspect {auroc} vs eval {e}");
+    // The operating point: eval's threshold is calibrate's (same held-out scores, same default
+    // rule), and its false rejects and escapes are what inspect's verdicts give at it.
+    let header = edge_ad_calibration::BankFile::load(&bank).unwrap().header;
+    let op = &row["operating"];
+    assert_eq!(op["rule"], "conformal:0.02");
+    assert_eq!(op["held_out"].as_u64(), Some(60));
+    let cal = &op["calibrated"];
+    let th = cal["threshold"].as_f64().unwrap();
+    assert!(
+        (th - header.threshold.value).abs() < 1e-9,
+        "eval threshold {th} vs calibrate {}",
+        header.threshold.value
+    );
+    let fr = normal
+        .iter()
+        .filter(|&&x| header.threshold.rejects(x))
+        .count();
+    let esc = defect
+        .iter()
+        .filter(|&&x| !header.threshold.rejects(x))
+        .count();
+    assert_eq!(
+        (cal["false_rejects"].as_u64(), cal["escapes"].as_u64()),
+        (Some(fr as u64), Some(esc as u64))
+    );
+    assert_eq!(
+        (cal["good"].as_u64(), cal["defective"].as_u64()),
+        (Some(34), Some(36))
+    );
+    // The oracle points: at most ⌊0.34⌋ = 0 and ⌊1.7⌋ = 1 of the 34 goods rejected.
+    for (key, allowed) in [("at_1pct_false_rejects", 0), ("at_5pct_false_rejects", 1)] {
+        let p = &op[key];
+        let t = p["threshold"].as_f64().unwrap();
+        let fr = normal.iter().filter(|&&x| x > t).count();
+        let esc = defect.iter().filter(|&&x| x <= t).count();
+        assert!(fr <= allowed, "{key}: {fr} false rejects");
+        assert_eq!(
+            (p["false_rejects"].as_u64(), p["escapes"].as_u64()),
+            (Some(fr as u64), Some(esc as u64)),
+            "{key}"
+        );
+    }
 }
 
 /// `--select aligned`: the bank keeps the whole pool (f16) with the alignment index; every frame

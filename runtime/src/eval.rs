@@ -6,16 +6,24 @@
 //! `ground_truth/<type>/<stem>_mask.png` (non-zero = defect) for every defect image.
 //! Metrics (see [`edge_ad_calibration::metrics`]): image AUROC, pixel AUROC, AUPRO up to FPR 0.3,
 //! image F1-max; per defect type (that type against `test/good`) and overall. Deterministic.
+//!
+//! AUROC ranks; a line acts on the verdict. Every combination also gets its operating points
+//! (issue 14 §4, docs/calibration.md §4): the false rejects and escapes on the test set at the
+//! threshold calibrate would set with that combination (from `train/good` only, the same
+//! held-out scores and rule), and — as an oracle of what the ranking allows — the escapes when
+//! at most 1 % and 5 % of the test goods may be rejected.
 
 use crate::aligned::{self, cell_features};
 use crate::error::{Error, Result};
 use crate::images::list_images;
-use crate::inspector::{choose_levels, FeatureSet, LevelChoice};
+use crate::inspector::{
+    choose_levels, pool_scores, pool_threshold, FeatureSet, LevelChoice, Scorer,
+};
 use crate::model::{check_levels, Fit};
 use crate::pipeline::{FrameFeatures, Pipeline, PipelineOptions};
 use edge_ad_calibration::aligned::AlignmentIndex;
-use edge_ad_calibration::metrics::{aupro, auroc_pairs, f1_max, PixelCase};
-use edge_ad_calibration::Selection;
+use edge_ad_calibration::metrics::{aupro, auroc_pairs, f1_max, OperatingPoint, PixelCase};
+use edge_ad_calibration::{Selection, ThresholdRule};
 use edge_ad_kernels::BankDtype;
 use std::path::{Path, PathBuf};
 
@@ -36,6 +44,29 @@ pub struct EvalOptions {
     pub seed: u64,
     /// Bank precision.
     pub bank_dtype: BankDtype,
+    /// The threshold rule of the operating point (`None`: calibrate's default).
+    pub rule: Option<ThresholdRule>,
+}
+
+/// The verdicts a line would give with one combination (issue 14 §4), on the whole test set.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct OperatingPoints {
+    /// The threshold rule applied, as `--rule` writes it (`conformal:0.02`).
+    pub rule: String,
+    /// Held-out good scores of `train/good` the threshold rests on.
+    pub held_out: usize,
+    /// The false-reject rate the rule states for a new good part (conformal rules).
+    pub expected_false_reject: Option<f64>,
+    /// Why the default rule fell back to the largest held-out score (a pool too small).
+    pub note: Option<String>,
+    /// At the threshold calibrate would set; `None` when the rule cannot be applied (`error`).
+    pub calibrated: Option<OperatingPoint>,
+    /// Why the rule could not be applied (a pool too small for an asked-for budget).
+    pub error: Option<String>,
+    /// The oracle: at most 1 % of the test goods rejected (threshold read off the test goods).
+    pub at_1pct_false_rejects: Option<OperatingPoint>,
+    /// The oracle at 5 %.
+    pub at_5pct_false_rejects: Option<OperatingPoint>,
 }
 
 /// Metrics of one subset of the test set.
@@ -74,6 +105,8 @@ pub struct EvalRow {
     pub overall: Metrics,
     /// Per defect type, sorted by name.
     pub per_type: Vec<(String, Metrics)>,
+    /// False rejects and escapes at calibrate's threshold and at 1 % / 5 % false rejects.
+    pub operating: OperatingPoints,
 }
 
 /// A test image with its ground truth.
@@ -277,27 +310,37 @@ pub fn evaluate(
                         (t, why)
                     }
                 };
-                let bank = full.select(&taps)?;
+                // Scored as calibrate and the line score (one code path).
+                let scorer = match &index {
+                    None => Scorer::Fixed(full.select(&taps)?),
+                    Some(index) => Scorer::Aligned {
+                        index: index.clone(),
+                        pool: &pool,
+                        k: eo.refs,
+                        taps: taps.clone(),
+                    },
+                };
+                let desc = pipeline.description().desc.clone();
                 let mut scores = Vec::with_capacity(test.len());
                 let mut maps = Vec::with_capacity(test.len());
                 for (i, (f, t)) in tests.frames.iter().zip(&test).enumerate() {
                     progress("scoring test images", i, test.len());
-                    let insp = match &index {
-                        None => pipeline.score_frame(f, &bank)?,
-                        Some(index) => {
-                            let desc = &pipeline.description().desc;
-                            let chosen =
-                                aligned::choose_references(index, desc, f, 0, eo.refs, None);
-                            let frames: Vec<&FrameFeatures> =
-                                chosen.iter().map(|&i| &pool.frames[i]).collect();
-                            let b = pipeline.bank_from_frames(&frames, eo.bank_dtype, &taps)?;
-                            pipeline.score_frame(f, &b)?
-                        }
-                    };
+                    let (insp, _) = scorer.score(&mut pipeline, &desc, f, None)?;
                     scores.push(insp.score);
                     maps.push(insp.frame_map(t.width, t.height));
                 }
                 progress("scoring test images", test.len(), test.len());
+                progress("scoring the pool as calibrate", 0, 1);
+                let held = pool_scores(
+                    &mut pipeline,
+                    &pool,
+                    &scorer,
+                    &refs,
+                    Some((sel, eo.seed)),
+                    eo.bank_dtype,
+                )?;
+                progress("scoring the pool as calibrate", 1, 1);
+                let operating = operating_points(&held, eo.rule, &test, &scores);
                 let pick = |keep: &dyn Fn(&TestImage) -> bool| {
                     let idx: Vec<usize> = (0..test.len()).filter(|&i| keep(&test[i])).collect();
                     let imgs: Vec<&TestImage> = idx.iter().map(|&i| &test[i]).collect();
@@ -336,6 +379,7 @@ pub fn evaluate(
                     tiles_per_frame,
                     overall,
                     per_type,
+                    operating,
                 };
                 row(&r);
                 rows.push(r);
@@ -343,4 +387,43 @@ pub fn evaluate(
         }
     }
     Ok(rows)
+}
+
+/// The operating points of one combination: the threshold from the pool's held-out scores by
+/// `rule`, applied to the test scores; and the oracle points at 1 % and 5 % false rejects.
+fn operating_points(
+    held: &[(usize, crate::pipeline::Inspection, bool)],
+    rule: Option<ThresholdRule>,
+    test: &[TestImage],
+    scores: &[f32],
+) -> OperatingPoints {
+    let split = |defective: bool| -> Vec<f64> {
+        test.iter()
+            .zip(scores)
+            .filter(|(t, _)| t.kind.is_some() == defective)
+            .map(|(_, &s)| s as f64)
+            .collect()
+    };
+    let (good, bad) = (split(false), split(true));
+    let mut op = OperatingPoints {
+        rule: rule.map_or_else(|| ThresholdRule::default().to_string(), |r| r.to_string()),
+        held_out: held.iter().filter(|h| !h.2).count(),
+        expected_false_reject: None,
+        note: None,
+        calibrated: None,
+        error: None,
+        at_1pct_false_rejects: OperatingPoint::at_false_reject_rate(0.01, &good, &bad),
+        at_5pct_false_rejects: OperatingPoint::at_false_reject_rate(0.05, &good, &bad),
+    };
+    match pool_threshold(held, &[], rule) {
+        Ok((t, note, normal)) => {
+            op.rule = t.rule.to_string();
+            op.held_out = normal.len();
+            op.expected_false_reject = t.expected_false_reject;
+            op.note = note;
+            op.calibrated = Some(OperatingPoint::at(t.value, &good, &bad));
+        }
+        Err(e) => op.error = Some(e),
+    }
+    op
 }

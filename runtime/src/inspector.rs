@@ -78,8 +78,9 @@ pub struct CalibrateOptions {
     pub defects: Option<PathBuf>,
     /// Bank precision.
     pub bank_dtype: BankDtype,
-    /// Threshold rule.
-    pub rule: ThresholdRule,
+    /// Threshold rule; `None`: the default, a 2 % false-reject budget with a guarantee, or the
+    /// largest held-out score when the pool is too small for it ([`ThresholdRule::default_for`]).
+    pub rule: Option<ThresholdRule>,
 }
 
 impl Default for CalibrateOptions {
@@ -93,7 +94,7 @@ impl Default for CalibrateOptions {
             levels: LevelChoice::default(),
             defects: None,
             bank_dtype: BankDtype::F16,
-            rule: ThresholdRule::default(),
+            rule: None,
         }
     }
 }
@@ -105,7 +106,8 @@ pub struct ScoredImage {
     pub path: PathBuf,
     /// Its score.
     pub score: f64,
-    /// True for a reference scored against the bank without itself (leave-one-out).
+    /// True for a reference of a `--refs-list` scored against the other references
+    /// (leave-one-out: biased high, not held out; the conformal rule leaves it out).
     pub left_out: bool,
 }
 
@@ -137,6 +139,9 @@ pub struct CalibrationReport {
     pub level_choice: String,
     /// The candidates of `--levels auto`, best first.
     pub candidates: Vec<LevelCandidate>,
+    /// Why the default rule fell back to the largest held-out score (a pool too small for its
+    /// budget), in words.
+    pub rule_note: Option<String>,
     /// The highest-scoring normal images with their inspections (for heatmaps), highest first.
     pub top_normal: Vec<(PathBuf, Inspection)>,
     /// Backbone windows per frame (tiles), summed over the references.
@@ -238,21 +243,58 @@ impl FeatureSet {
 
     /// Indices of `k` references chosen by `select` (sorted).
     pub fn select(&self, k: usize, select: Selection, seed: u64, channels: usize) -> Vec<usize> {
-        let k = k.min(self.paths.len());
-        match select {
-            Selection::First => (0..k).collect(),
-            Selection::Random => random_indices(self.paths.len(), k, seed),
-            // Aligned banks choose per frame; where one fixed set is needed (choosing levels),
-            // the k-means references stand in.
-            Selection::Kmeans | Selection::Aligned => {
-                kmeans_references(&self.descriptors(channels), k, seed)
-            }
-        }
+        choose_references(self.paths.len(), k, select, seed, || {
+            self.descriptors(channels)
+        })
+    }
+
+    /// The references `select` would choose from the pool without image `skip` (pool indices,
+    /// never `skip`): the bank `skip` is scored against to give it a held-out score.
+    pub fn select_without(
+        &self,
+        skip: usize,
+        k: usize,
+        select: Selection,
+        seed: u64,
+        descriptors: &[Vec<f32>],
+    ) -> Vec<usize> {
+        let n = self.paths.len();
+        let chosen = choose_references(n - 1, k, select, seed, || {
+            descriptors
+                .iter()
+                .enumerate()
+                .filter(|&(i, _)| i != skip)
+                .map(|(_, d)| d.clone())
+                .collect()
+        });
+        chosen
+            .into_iter()
+            .map(|j| if j >= skip { j + 1 } else { j })
+            .collect()
     }
 }
 
-/// How calibration scores a frame: one bank, or a bank per frame from the pool (aligned).
-enum Scorer<'a> {
+/// `k` of `n` images chosen by `select` (sorted); `descriptors` only when clustering needs them.
+fn choose_references(
+    n: usize,
+    k: usize,
+    select: Selection,
+    seed: u64,
+    descriptors: impl FnOnce() -> Vec<Vec<f32>>,
+) -> Vec<usize> {
+    let k = k.min(n);
+    match select {
+        Selection::First => (0..k).collect(),
+        Selection::Random => random_indices(n, k, seed),
+        // Aligned banks choose per frame; where one fixed set is needed (choosing levels, the
+        // bank of eval's fixed reference list), the k-means references stand in.
+        Selection::Kmeans | Selection::Aligned => kmeans_references(&descriptors(), k, seed),
+    }
+}
+
+/// How calibration (and eval, which does what calibration would) scores a frame: one bank, or
+/// a bank per frame from the pool (aligned).
+pub(crate) enum Scorer<'a> {
     Fixed(Bank),
     Aligned {
         index: AlignmentIndex,
@@ -265,7 +307,7 @@ enum Scorer<'a> {
 impl Scorer<'_> {
     /// Score `frame`; `pool_image`: its index when it belongs to the pool (left out of its own
     /// references). Returns the inspection and the pool references used (aligned only).
-    fn score(
+    pub(crate) fn score(
         &self,
         pipeline: &mut Pipeline,
         desc: &crate::model::ModelDescription,
@@ -301,15 +343,33 @@ fn score_all(
         .collect()
 }
 
-/// Leave-one-out normal scores over a pool with references `refs`: every other image scored
-/// against the bank, every reference against the bank of the other references.
-fn normal_scores(
+/// The normal scores of a pool that a threshold may rest on (docs/calibration.md §4), as
+/// `(pool image, inspection, left_out)`:
+/// - fixed bank: every image that is not a reference against the bank; every reference against
+///   a bank drawn by the same selection from the pool without it (`redraw`: a held-out score,
+///   exchangeable with a new part's), or, for references given by a list (nothing to redraw
+///   from), against the other references — leave-one-out, `left_out`, biased high;
+/// - aligned: every image against references chosen without it, as at inspection.
+pub(crate) fn pool_scores(
     pipeline: &mut Pipeline,
     pool: &FeatureSet,
+    scorer: &Scorer,
     refs: &[usize],
-    bank: &Bank,
+    redraw: Option<(Selection, u64)>,
     dtype: BankDtype,
 ) -> Result<Vec<(usize, Inspection, bool)>> {
+    let desc = pipeline.description().desc.clone();
+    let bank = match scorer {
+        Scorer::Aligned { .. } => {
+            return (0..pool.frames.len())
+                .map(|i| {
+                    let (insp, _) = scorer.score(pipeline, &desc, &pool.frames[i], Some(i))?;
+                    Ok((i, insp, false))
+                })
+                .collect();
+        }
+        Scorer::Fixed(bank) => bank,
+    };
     let mut out = Vec::with_capacity(pool.frames.len());
     for (i, f) in pool.frames.iter().enumerate() {
         if refs.contains(&i) {
@@ -317,18 +377,52 @@ fn normal_scores(
         }
         out.push((i, pipeline.score_frame(f, bank)?, false));
     }
-    if refs.len() > 1 {
-        for &r in refs {
-            let others: Vec<&FrameFeatures> = refs
-                .iter()
-                .filter(|&&o| o != r)
-                .map(|&o| &pool.frames[o])
-                .collect();
-            let loo = pipeline.bank_from_frames(&others, dtype, bank.taps())?;
-            out.push((r, pipeline.score_frame(&pool.frames[r], &loo)?, true));
+    let descriptors = match redraw {
+        Some((Selection::Kmeans | Selection::Aligned, _)) => {
+            pool.descriptors(desc.features.channels)
         }
+        _ => Vec::new(),
+    };
+    for &r in refs {
+        let (others, left_out) = match redraw {
+            Some((select, seed)) => (
+                pool.select_without(r, refs.len(), select, seed, &descriptors),
+                false,
+            ),
+            None if refs.len() > 1 => (refs.iter().copied().filter(|&o| o != r).collect(), true),
+            None => continue,
+        };
+        let frames: Vec<&FrameFeatures> = others.iter().map(|&o| &pool.frames[o]).collect();
+        let b = pipeline.bank_from_frames(&frames, dtype, bank.taps())?;
+        out.push((r, pipeline.score_frame(&pool.frames[r], &b)?, left_out));
     }
     Ok(out)
+}
+
+/// The threshold a pool's scores give under `rule` (`None`: the default for their count), with
+/// the default's note when the pool is too small for its budget. Left-out references are not
+/// held out: the conformal rule (the default) leaves them out; the older rules keep them.
+pub(crate) fn pool_threshold(
+    scored: &[(usize, Inspection, bool)],
+    defects: &[f64],
+    rule: Option<ThresholdRule>,
+) -> std::result::Result<(Threshold, Option<String>, Vec<f64>), String> {
+    let held_out_only = matches!(rule, None | Some(ThresholdRule::Conformal { .. }));
+    let normal: Vec<f64> = scored
+        .iter()
+        .filter(|s| !(held_out_only && s.2))
+        .map(|s| s.1.score as f64)
+        .collect();
+    let (rule, note) = match rule {
+        Some(r) => (r, None),
+        None => ThresholdRule::default_for(normal.len()),
+    };
+    let t = if defects.is_empty() {
+        Threshold::from_scores(&normal, rule)
+    } else {
+        Threshold::between(&normal, defects, rule)
+    }?;
+    Ok((t, note, normal))
 }
 
 fn mean_std(v: &[f64]) -> (f64, f64) {
@@ -516,27 +610,24 @@ pub fn calibrate(
             k
         )));
     }
-    // The conformal rule's pool check, before the long work (held out: the pool minus the
-    // references, or the whole pool with aligned references).
-    if let ThresholdRule::Conformal { reject_rate } = opts.rule {
+    // An asked-for budget's pool check, before the long work. Held out: the whole pool (chosen
+    // references are redrawn, aligned ones are chosen without the image), or the pool minus the
+    // references of a --refs-list.
+    if let Some(ThresholdRule::Conformal { reject_rate }) = opts.rule {
         if !(reject_rate > 0.0 && reject_rate < 0.5) {
             return Err(Error::Invalid(format!(
                 "--reject-rate {reject_rate}: must be in (0, 0.5)"
             )));
         }
-        let aligned = opts.select == Selection::Aligned && explicit.is_none();
-        let held_out = if aligned {
-            paths.len()
-        } else {
-            paths.len() - k
-        };
+        let listed_refs = if explicit.is_some() { k } else { 0 };
+        let held_out = paths.len() - listed_refs;
         let need = conformal_min_scores(reject_rate);
         if held_out < need {
             return Err(Error::Invalid(format!(
                 "{}: --reject-rate {reject_rate} needs at least {need} held-out good images to guarantee it; this pool of {} gives {held_out} — use a pool of at least {} images, or a larger rate",
                 opts.images.display(),
                 paths.len(),
-                need + if aligned { 0 } else { k }
+                need + listed_refs
             )));
         }
     }
@@ -638,25 +729,12 @@ pub fn calibrate(
         Scorer::Fixed(pipeline.bank_from_frames(&ref_frames, opts.bank_dtype, &taps)?)
     };
     progress("scoring normal images", 0, 1);
-    let scored = match &scorer {
-        Scorer::Fixed(bank) => normal_scores(pipeline, &pool, &ref_idx, bank, opts.bank_dtype)?,
-        Scorer::Aligned { .. } => (0..pool.frames.len())
-            .map(|i| {
-                let (insp, _) = scorer.score(pipeline, &desc, &pool.frames[i], Some(i))?;
-                Ok((i, insp, true))
-            })
-            .collect::<Result<Vec<_>>>()?,
-    };
+    // Chosen references are redrawn (scored against a bank chosen without them): a reference
+    // scored against the other references is biased high — a k-means reference is alone in its
+    // cluster (issue 14). Listed references have nothing to be redrawn from.
+    let redraw = explicit.is_none().then_some((opts.select, opts.seed));
+    let scored = pool_scores(pipeline, &pool, &scorer, &ref_idx, redraw, opts.bank_dtype)?;
     progress("scoring normal images", 1, 1);
-    // The conformal rule rests on held-out scores only: a reference scored leave-one-out is
-    // biased high (a k-means reference is alone in its cluster). Aligned banks leave every pool
-    // image out of its own references, as at inspection, so all of them count.
-    let conformal = matches!(opts.rule, ThresholdRule::Conformal { .. });
-    let normal: Vec<f64> = scored
-        .iter()
-        .filter(|s| !(conformal && s.2 && matches!(scorer, Scorer::Fixed(_))))
-        .map(|s| s.1.score as f64)
-        .collect();
     let defect_scores: Vec<ScoredImage> = match &defects {
         None => Vec::new(),
         Some(d) => d
@@ -672,27 +750,12 @@ pub fn calibrate(
             })
             .collect::<Result<_>>()?,
     };
-    let threshold = if defect_scores.is_empty() {
-        Threshold::from_scores(&normal, opts.rule)
-    } else {
-        let d: Vec<f64> = defect_scores.iter().map(|s| s.score).collect();
-        Threshold::between(&normal, &d, opts.rule)
+    let d: Vec<f64> = defect_scores.iter().map(|s| s.score).collect();
+    let (threshold, rule_note, _) = pool_threshold(&scored, &d, opts.rule)
+        .map_err(|e| Error::Invalid(format!("{}: {e}", opts.images.display())))?;
+    if let Some(note) = &rule_note {
+        log::warn!("{}: {note}", opts.images.display());
     }
-    .map_err(|e| {
-        Error::Invalid(match opts.rule {
-            ThresholdRule::Conformal { reject_rate }
-                if normal.len() < conformal_min_scores(reject_rate) =>
-            {
-                format!(
-                    "{}: {e} (a pool of at least {} images with {} references)",
-                    opts.images.display(),
-                    conformal_min_scores(reject_rate) + if aligned { 0 } else { k },
-                    k
-                )
-            }
-            _ => e,
-        })
-    })?;
 
     let mut order: Vec<usize> = (0..scored.len()).collect();
     order.sort_by(|&a, &b| scored[b].1.score.total_cmp(&scored[a].1.score));
@@ -790,6 +853,7 @@ pub fn calibrate(
             candidates,
             top_normal,
             windows,
+            rule_note,
         },
     ))
 }
@@ -930,5 +994,56 @@ impl Inspector {
             Verdict::Ok
         };
         Ok((insp, v))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A reference's held-out score comes from the bank the same selection draws from the pool
+    /// without it: never itself, indices mapped back to the pool.
+    #[test]
+    fn references_are_redrawn_without_themselves() {
+        let pool = FeatureSet {
+            paths: (0..6).map(|i| PathBuf::from(format!("{i}.png"))).collect(),
+            frames: Vec::new(),
+        };
+        // Two tight groups (0, 1, 2) and (3, 4, 5) in a 2-d descriptor space.
+        let d: Vec<Vec<f32>> = [
+            [1.0, 0.0],
+            [0.99, 0.1],
+            [0.98, 0.2],
+            [0.0, 1.0],
+            [0.1, 0.99],
+            [0.2, 0.98],
+        ]
+        .iter()
+        .map(|v| v.to_vec())
+        .collect();
+        for skip in 0..6 {
+            for sel in [Selection::First, Selection::Random, Selection::Kmeans] {
+                let r = pool.select_without(skip, 2, sel, 7, &d);
+                assert_eq!(r.len(), 2, "{sel:?} without {skip}");
+                assert!(!r.contains(&skip) && r.iter().all(|&i| i < 6), "{r:?}");
+            }
+        }
+        // First without 0 is images 1 and 2; without 3 it is 0 and 1.
+        assert_eq!(
+            pool.select_without(0, 2, Selection::First, 0, &d),
+            vec![1, 2]
+        );
+        assert_eq!(
+            pool.select_without(3, 2, Selection::First, 0, &d),
+            vec![0, 1]
+        );
+        // K-means without an image still takes one reference from each group.
+        for skip in 0..6 {
+            let r = pool.select_without(skip, 2, Selection::Kmeans, 0, &d);
+            assert!(
+                r.iter().any(|&i| i < 3) && r.iter().any(|&i| i >= 3),
+                "{skip}: {r:?}"
+            );
+        }
     }
 }

@@ -49,16 +49,27 @@ pub fn summary(h: &BankHeader, r: &CalibrationReport) -> String {
         );
     }
     let loo = r.normal_scores.iter().filter(|n| n.left_out).count();
+    let held = r.normal_scores.len() - loo;
     let _ = writeln!(
         s,
-        "normal scores ({} images: {} held out, {} references left out): min {:.4}  mean {:.4}  max {:.4}  std {:.4}",
-        t.normal_count,
-        t.normal_count - loo,
-        loo,
-        t.normal_min,
-        t.normal_mean,
-        t.normal_max,
-        t.normal_std
+        "normal scores: {held} held out (each scored against a bank chosen without it){}",
+        if loo > 0 {
+            format!(
+                ", {loo} listed references left out ({})",
+                if t.normal_count == held {
+                    "biased high: not used by the rule"
+                } else {
+                    "biased high, used by the rule"
+                }
+            )
+        } else {
+            String::new()
+        }
+    );
+    let _ = writeln!(
+        s,
+        "the threshold rests on {}: min {:.4}  mean {:.4}  max {:.4}  std {:.4}",
+        t.normal_count, t.normal_min, t.normal_mean, t.normal_max, t.normal_std
     );
     if let Some(d) = &t.defects {
         let _ = writeln!(
@@ -77,10 +88,13 @@ pub fn summary(h: &BankHeader, r: &CalibrationReport) -> String {
     if let Some(rate) = t.expected_false_reject {
         let _ = writeln!(
             s,
-            "expected false-reject rate {:.2} % for a new good part (rests on {} held-out images; references are not among them)",
+            "expected false-reject rate {:.2} % for a new good part (rests on {} held-out images; no image was scored against a bank that holds it)",
             100.0 * rate,
             t.normal_count
         );
+    }
+    if let Some(note) = &r.rule_note {
+        let _ = writeln!(s, "note: {note}");
     }
     s
 }
@@ -103,8 +117,21 @@ fn fill(img: &mut Rgb8, x0: usize, y0: usize, w: usize, h: usize, c: [u8; 3]) {
     }
 }
 
-/// Histogram of normal (blue) and defect (red) scores with the threshold (black, marked T).
-pub fn histogram(normal: &[f64], defects: &[f64], threshold: f64) -> Rgb8 {
+/// The histogram's caption: what the threshold promises and what it rests on (issue 14 §4).
+pub fn histogram_caption(t: &edge_ad_calibration::Threshold) -> String {
+    match t.expected_false_reject {
+        Some(p) => format!(
+            "expected false rejects {:.2}% - {} held-out good",
+            100.0 * p,
+            t.normal_count
+        ),
+        None => format!("rule {} - no stated rate - {} good", t.rule, t.normal_count),
+    }
+}
+
+/// Histogram of normal (blue) and defect (red) scores with the threshold (black, marked T) and
+/// `caption` above the plot.
+pub fn histogram(normal: &[f64], defects: &[f64], threshold: f64, caption: &str) -> Rgb8 {
     let (w, h) = (640usize, 320usize);
     let mut img = Rgb8 {
         width: w,
@@ -120,7 +147,7 @@ pub fn histogram(normal: &[f64], defects: &[f64], threshold: f64) -> Rgb8 {
     let span = (hi - lo).max(1e-9);
     let (lo, hi) = (lo - 0.05 * span, hi + 0.05 * span);
     let bins = 40usize;
-    let (left, right, top, bottom) = (40usize, 20usize, 20usize, 40usize);
+    let (left, right, top, bottom) = (40usize, 20usize, 28usize, 40usize);
     let pw = w - left - right;
     let ph = h - top - bottom;
     let bin = |s: f64| (((s - lo) / (hi - lo) * bins as f64) as usize).min(bins - 1);
@@ -151,6 +178,7 @@ pub fn histogram(normal: &[f64], defects: &[f64], threshold: f64) -> Rgb8 {
         fill(&mut img, tx, y, 2, 1, [0, 0, 0]);
     }
     draw_text(&mut img, "T", tx + 4, top, 2);
+    draw_text(&mut img, caption, left, 4, 2);
     draw_text(&mut img, &format!("{lo:.3}"), left, top + ph + 8, 2);
     let hi_s = format!("{hi:.3}");
     draw_text(
@@ -260,7 +288,12 @@ pub fn write(dir: &Path, h: &BankHeader, r: &CalibrationReport, summary: &str) -
     let normal: Vec<f64> = r.normal_scores.iter().map(|s| s.score).collect();
     let defects: Vec<f64> = r.defect_scores.iter().map(|s| s.score).collect();
     save_png(
-        &histogram(&normal, &defects, r.threshold.value),
+        &histogram(
+            &normal,
+            &defects,
+            r.threshold.value,
+            &histogram_caption(&r.threshold),
+        ),
         &dir.join("histogram.png"),
     )?;
     let refs = r
