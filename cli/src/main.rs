@@ -75,9 +75,11 @@ enum Command {
     /// Build a reference bank from good parts and set the decision threshold.
     ///
     /// Computes the features of every image of --images (the pool), chooses --refs references
-    /// from it (--select: k-means over a global descriptor by default, or first, random, aligned;
-    /// or exactly those of --refs-list), scores every other pool image against the bank and every
-    /// reference against a bank chosen the same way without it (held-out scores), and sets the
+    /// from it (--select: by default aligned — each frame gets the K pool images nearest it,
+    /// the bank keeps the pool — where the pool's features fit 256 MB, else k-means over a global
+    /// descriptor; or first, random; or exactly those of --refs-list), scores every other pool
+    /// image against the bank and every reference against a bank chosen the same way without it
+    /// (held-out scores; aligned: every image against references chosen without it), and sets the
     /// threshold from those scores: by default a 2 % false-reject budget with a guarantee (the
     /// conformal order statistic; needs 49 held-out images, fewer give their maximum and say
     /// which rate that states), or --reject-rate P, or another --rule. With --defects (a few
@@ -163,10 +165,11 @@ struct CalibrateArgs {
     /// File listing the exact reference images, one path per line (relative to the file).
     #[arg(long)]
     refs_list: Option<PathBuf>,
-    /// Reference selection from the pool: kmeans | first | random | aligned (the K pool images
-    /// nearest each frame, chosen at inspection; the bank file keeps the whole pool).
-    #[arg(long, default_value = "kmeans")]
-    select: Selection,
+    /// Reference selection from the pool: aligned (the K pool images nearest each frame, chosen
+    /// at inspection; the bank file keeps the whole pool) | kmeans | first | random. Default:
+    /// aligned when the pool's features take at most 256 MB in f16, else kmeans.
+    #[arg(long)]
+    select: Option<Selection>,
     /// Seed of random / k-means selection and of synthetic defects.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -283,8 +286,8 @@ struct EvalArgs {
     /// Framings, comma-separated (default: the description's).
     #[arg(long, value_delimiter = ',')]
     fit: Vec<Fit>,
-    /// Reference selections, comma-separated.
-    #[arg(long, value_delimiter = ',', default_value = "kmeans")]
+    /// Reference selections, comma-separated (default: aligned, calibrate's default).
+    #[arg(long, value_delimiter = ',', default_value = "aligned")]
     select: Vec<Selection>,
     /// Level sets separated by `;`: model | all | auto | a list like 2,3.
     #[arg(long, value_delimiter = ';', default_value = "model")]
@@ -345,6 +348,11 @@ struct BenchArgs {
     /// Reference images in the bank.
     #[arg(long, default_value_t = 8)]
     refs: usize,
+    /// Time a calibrated bank instead (any selection, aligned included; its scored levels),
+    /// inspecting every image of --images the way the line does: stage medians with the
+    /// per-frame reference choice (align), the bank file's size and the process's peak memory.
+    #[arg(long, conflicts_with_all = ["refs", "bank_dtype"])]
+    bank: Option<PathBuf>,
     /// Folder of images (walked recursively).
     #[arg(long)]
     images: PathBuf,
@@ -916,6 +924,7 @@ fn cmd_bench(args: BenchArgs) -> Result<()> {
     let BenchArgs {
         model,
         refs,
+        bank,
         images,
         frames,
         warmup,
@@ -925,8 +934,45 @@ fn cmd_bench(args: BenchArgs) -> Result<()> {
     if refs == 0 {
         anyhow::bail!("--refs must be at least 1");
     }
-    let mut pipeline = model.load()?;
     let tty = std::io::stderr().is_terminal();
+    if let Some(bank) = bank {
+        let mut inspector = Inspector::load(&model.options(), &bank)
+            .with_context(|| format!("cannot load the bank {}", bank.display()))?;
+        let r = bench::run_bank(&mut inspector, &bank, &images, frames, warmup, |m| {
+            if tty {
+                eprintln!("bench: {m}")
+            }
+        })?;
+        let peak_rss_mb = peak_rss_bytes() as f64 / 1e6;
+        if json {
+            let mut v = serde_json::to_value(&r)?;
+            v["peak_rss_mb"] = serde_json::json!(peak_rss_mb);
+            println!("{v}");
+        } else {
+            println!(
+                "edge-ad bench --bank: {} threads, {} frames ({} backbone passes each), {}, levels {:?}",
+                r.threads, r.frames, r.tiles, r.selection, r.levels
+            );
+            println!(
+                "  bank file {:.1} MB, peak memory (RSS) {peak_rss_mb:.0} MB",
+                r.bank_bytes as f64 / 1e6
+            );
+            println!("  {:<12} {:>9}", "stage", "median ms");
+            for (name, ms) in [
+                ("preprocess", r.preprocess_ms),
+                ("backbone", r.backbone_ms),
+                ("align", r.align_ms),
+                ("residual", r.residual_ms),
+                ("projector", r.projector_ms),
+                ("score", r.score_ms),
+                ("total", r.total_ms),
+            ] {
+                println!("  {name:<12} {ms:>9.2}");
+            }
+        }
+        return Ok(());
+    }
+    let mut pipeline = model.load()?;
     let opts = BenchOptions {
         images,
         refs,
@@ -1021,4 +1067,17 @@ fn cmd_cameras() {
             }
         }
     }
+}
+
+/// The process's peak resident memory (getrusage), in bytes; 0 where unknown.
+fn peak_rss_bytes() -> u64 {
+    let mut u = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: getrusage writes a whole rusage into the buffer it is given; it was zeroed first.
+    let rc = unsafe { libc::getrusage(libc::RUSAGE_SELF, u.as_mut_ptr()) };
+    if rc != 0 {
+        return 0;
+    }
+    // SAFETY: rc == 0: the struct was filled. Linux reports ru_maxrss in KiB.
+    let maxrss = unsafe { u.assume_init() }.ru_maxrss;
+    u64::try_from(maxrss).unwrap_or(0) * 1024
 }

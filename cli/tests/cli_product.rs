@@ -84,7 +84,7 @@ fn calibrate_then_inspect_json_heatmaps_and_dumps() {
     let summary = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(
-        summary.contains("references (4, kmeans (seed 0) 4 of 8")
+        summary.contains("references (4, aligned (seed 0): 4 of 8 per frame")
             && summary.contains("normal scores: 8 held out")
             && summary.contains("the threshold rests on 8")
             && summary.contains("threshold"),
@@ -393,9 +393,11 @@ fn unreadable_image_in_inspect_is_err_and_the_rest_still_run() {
 }
 
 /// Issue "first product loop", done-when: calibrate + inspect on the magnetic-tile set with
-/// The calibration defaults (DINOv2-S description: tiles, levels 2,3; k-means references) on the
-/// whole magnetic-tile test set: the issue's goal is image AUROC ≥ 0.85 (measured 0.871). Also
-/// checks the calibration report next to the bank.
+/// The calibration defaults (DINOv2-S description: tiles, levels 2,3; aligned references; the 2 %
+/// conformal threshold) on the whole magnetic-tile test set: issue 14's goals are image AUROC
+/// ≥ 0.90 (measured 0.921) and at most 1 of the 34 test goods rejected at the threshold calibrate
+/// sets (measured 0); its escape goal (≤ 12 of 36) is not reached yet and is printed, not
+/// asserted. Also checks the calibration report next to the bank.
 #[test]
 fn magnetic_tile_defaults_reach_the_auroc_goal_with_dinov2() {
     let Some(shared) = magnetic_tile() else {
@@ -433,7 +435,7 @@ fn magnetic_tile_defaults_reach_the_auroc_goal_with_dinov2() {
     assert!(
         summary.contains("fit tile")
             && summary.contains("levels [2, 3]")
-            && summary.contains("kmeans"),
+            && summary.contains("aligned (seed 0): 8 of 60 per frame"),
         "{summary}"
     );
     let header = edge_ad_calibration::BankFile::load(&bank).unwrap().header;
@@ -450,13 +452,21 @@ fn magnetic_tile_defaults_reach_the_auroc_goal_with_dinov2() {
     assert_eq!((normal.len(), defect.len()), (34, 36));
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
     let auroc = edge_ad_calibration::metrics::auroc(&normal, &defect).unwrap();
+    let th = &header.threshold;
+    let false_rejects = normal.iter().filter(|&&x| th.rejects(x)).count();
+    let escapes = defect.iter().filter(|&&x| !th.rejects(x)).count();
     println!(
-        "magnetic tile, DINOv2-S, 8 k-means refs, tiles, levels 2,3, no projector: mean normal {:.4}, mean defective {:.4}, image AUROC {auroc:.4}",
+        "magnetic tile, DINOv2-S, defaults (8 aligned refs, tiles, levels 2,3, conformal 2 %): mean normal {:.4}, mean defective {:.4}, image AUROC {auroc:.4}, threshold {:.4}: {false_rejects}/34 false rejects, {escapes}/36 escapes",
         mean(&normal),
-        mean(&defect)
+        mean(&defect),
+        th.value
     );
     assert!(mean(&defect) > mean(&normal));
-    assert!(auroc >= 0.85, "image AUROC {auroc} below the 0.85 goal");
+    assert!(auroc >= 0.90, "image AUROC {auroc} below the 0.90 goal");
+    assert!(
+        false_rejects <= 1,
+        "{false_rejects} of 34 good parts rejected"
+    );
 }
 
 #[test]
@@ -575,8 +585,9 @@ fn defects_threshold_selection_modes_and_report() {
     assert!(d.gap > 0.0, "demo scratches overlap the normals: {d:?}");
     assert!((th.value - 0.5 * (th.normal_max + d.min)).abs() < 1e-9);
     assert_eq!((d.false_rejects, d.misses), (0, 0));
+    // The default selection: aligned (the demo pool's features are far below the budget).
     assert!(
-        h.selection.starts_with("kmeans (seed 0) 4 of 8"),
+        h.selection.starts_with("aligned (seed 0): 4 of 8"),
         "{}",
         h.selection
     );
@@ -782,4 +793,79 @@ fn aligned_references_are_chosen_per_frame() {
     );
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("f16"));
+    // Without --select, f32 asks for what aligned pools cannot hold: k-means, said so.
+    let f32_bank = t.path().join("c.eab");
+    let o = calibrate_demo(&good, &f32_bank, &["--bank-dtype", "f32"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let summary = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        summary.contains("kmeans (seed 0) 4 of 8")
+            && summary.contains("note: --bank-dtype f32: k-means references"),
+        "{summary}"
+    );
+    let h = edge_ad_calibration::BankFile::load(&f32_bank)
+        .unwrap()
+        .header;
+    assert!(h.aligned.is_none() && h.selection.starts_with("kmeans"));
+}
+
+/// `bench --bank`: a calibrated bank timed the way the line inspects — the default (aligned)
+/// bank's per-frame reference choice is timed as `align`, the stages add up to the frame, and the
+/// bank file's size and the peak memory are reported.
+#[test]
+fn bench_times_a_calibrated_bank_with_its_reference_choice() {
+    let t = tempfile::tempdir().unwrap();
+    let bank = demo_bank(t.path());
+    let out = ok(&[
+        "bench",
+        "--model",
+        s(&demo_model()),
+        "--bank",
+        s(&bank),
+        "--images",
+        s(&demo().join("images/test")),
+        "--frames",
+        "20",
+        "--warmup",
+        "1",
+        "--threads",
+        "2",
+        "--json",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    println!("bench --bank (demo): {v}");
+    assert!(v["selection"]
+        .as_str()
+        .unwrap()
+        .starts_with("aligned (seed 0): 4 of 8"));
+    assert_eq!(v["frames"].as_u64(), Some(20));
+    assert_eq!(
+        v["bank_bytes"].as_u64(),
+        Some(std::fs::metadata(&bank).unwrap().len())
+    );
+    let ms = |k: &str| v[k].as_f64().unwrap();
+    assert!(ms("align_ms") > 0.0 && ms("backbone_ms") > 0.0 && ms("residual_ms") > 0.0);
+    // Medians of the stages need not add up exactly; each stays below the frame's.
+    for k in ["backbone_ms", "align_ms", "residual_ms", "score_ms"] {
+        assert!(
+            ms(k) < ms("total_ms"),
+            "{k} {} ≥ total {}",
+            ms(k),
+            ms("total_ms")
+        );
+    }
+    assert!(ms("peak_rss_mb") > 1.0, "{v}");
+    // --bank with --refs is a contradiction, refused by name.
+    let err = fails(&[
+        "bench",
+        "--model",
+        s(&demo_model()),
+        "--bank",
+        s(&bank),
+        "--refs",
+        "4",
+        "--images",
+        s(&demo().join("images/test")),
+    ]);
+    assert!(err.contains("--refs"), "{err}");
 }

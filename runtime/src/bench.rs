@@ -243,3 +243,103 @@ pub fn run(
         gpu,
     })
 }
+
+/// Medians of a calibrated bank inspecting frames the way the line does ([`run_bank`]).
+#[derive(Debug, Clone, Serialize)]
+pub struct BankBenchReport {
+    /// Threads of the shared pool.
+    pub threads: usize,
+    /// Timed frames.
+    pub frames: usize,
+    /// The bank's reference selection (`aligned (seed 0): 8 of 60 per frame`, `kmeans …`).
+    pub selection: String,
+    /// Levels scored, 1-based.
+    pub levels: Vec<usize>,
+    /// The bank file's size in bytes (its features stay in memory while inspecting).
+    pub bank_bytes: u64,
+    /// Backbone passes (tiles) per frame, median.
+    pub tiles: f64,
+    /// Preprocessing (timed with the backbone on the aligned path: 0 there).
+    pub preprocess_ms: f64,
+    /// Backbone forward passes.
+    pub backbone_ms: f64,
+    /// Choosing the frame's references and building its bank (aligned banks; 0 otherwise).
+    pub align_ms: f64,
+    /// Residual search, scored levels.
+    pub residual_ms: f64,
+    /// Projector (only with a projector; 0 otherwise).
+    pub projector_ms: f64,
+    /// FeatureNorm scoring.
+    pub score_ms: f64,
+    /// Whole frame.
+    pub total_ms: f64,
+}
+
+/// Time `inspector` (a calibrated bank: any selection, the scored levels only) on the images of
+/// `images`, cycled: the per-frame cost of a bank as calibrate made it, which the fixed-bank
+/// [`run`] (first `refs` images, every level) does not show for aligned references.
+pub fn run_bank(
+    inspector: &mut crate::inspector::Inspector,
+    bank_path: &Path,
+    images: &Path,
+    frames: usize,
+    warmup: usize,
+    mut progress: impl FnMut(&str),
+) -> Result<BankBenchReport> {
+    let files = list_images(images)?;
+    if files.is_empty() {
+        return Err(Error::Invalid(format!(
+            "{}: no image files to time",
+            images.display()
+        )));
+    }
+    let imgs: Vec<(PathBuf, Rgb8)> = files
+        .iter()
+        .map(|p| Ok((p.clone(), Rgb8::open(p)?)))
+        .collect::<Result<_>>()?;
+    let frames_n = frames.max(20);
+    progress(&format!(
+        "{warmup} warm-up + {frames_n} timed frames on {} threads",
+        inspector.pipeline().threads()
+    ));
+    let mut t: Vec<Vec<f64>> = (0..8).map(|_| Vec::with_capacity(frames_n)).collect();
+    for i in 0..warmup + frames_n {
+        let (p, img) = &imgs[i % imgs.len()];
+        let (insp, _) = inspector.inspect(img, p)?;
+        if i >= warmup {
+            let tm = insp.timings;
+            for (v, x) in t.iter_mut().zip([
+                tm.tiles as f64,
+                tm.preprocess_ms,
+                tm.backbone_ms,
+                tm.align_ms,
+                tm.residual_ms,
+                tm.projector_ms,
+                tm.score_ms,
+                tm.total_ms,
+            ]) {
+                v.push(x);
+            }
+        }
+    }
+    let [tiles, pre, bb, align, res, proj, score, total] =
+        [0, 1, 2, 3, 4, 5, 6, 7].map(|i| median(&mut t[i]));
+    let h = inspector.header();
+    Ok(BankBenchReport {
+        threads: inspector.pipeline().threads(),
+        frames: frames_n,
+        selection: h.selection.clone(),
+        levels: h.scored_levels(),
+        bank_bytes: std::fs::metadata(bank_path)
+            .map_err(|e| Error::io(bank_path, e))?
+            .len(),
+        tiles,
+        preprocess_ms: pre,
+        backbone_ms: bb,
+        align_ms: align,
+        residual_ms: res,
+        projector_ms: proj,
+        score_ms: score,
+        total_ms: total,
+    })
+}

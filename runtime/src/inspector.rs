@@ -68,8 +68,9 @@ pub struct CalibrateOptions {
     pub refs: usize,
     /// Exact reference images, one path per line (relative paths: to the list's folder).
     pub refs_list: Option<PathBuf>,
-    /// How references are chosen from the pool.
-    pub select: Selection,
+    /// How references are chosen from the pool; `None`: aligned where the pool's features fit
+    /// [`ALIGNED_POOL_BUDGET_BYTES`], else k-means ([`default_selection`]).
+    pub select: Option<Selection>,
     /// Seed of random and k-means selection and of synthetic defects.
     pub seed: u64,
     /// Levels scored.
@@ -89,7 +90,7 @@ impl Default for CalibrateOptions {
             images: PathBuf::new(),
             refs: 8,
             refs_list: None,
-            select: Selection::default(),
+            select: None,
             seed: 0,
             levels: LevelChoice::default(),
             defects: None,
@@ -139,9 +140,9 @@ pub struct CalibrationReport {
     pub level_choice: String,
     /// The candidates of `--levels auto`, best first.
     pub candidates: Vec<LevelCandidate>,
-    /// Why the default rule fell back to the largest held-out score (a pool too small for its
-    /// budget), in words.
-    pub rule_note: Option<String>,
+    /// Where a default could not be applied as it stands, in words: the selection (a pool too
+    /// large for aligned references), the rule (a pool too small for its budget).
+    pub notes: Vec<String>,
     /// The highest-scoring normal images with their inspections (for heatmaps), highest first.
     pub top_normal: Vec<(PathBuf, Inspection)>,
     /// Backbone windows per frame (tiles), summed over the references.
@@ -545,6 +546,46 @@ pub fn choose_levels(
     Ok((best.levels.iter().map(|l| l - 1).collect(), why, candidates))
 }
 
+/// The memory aligned references may take by default: the whole pool's scored features stay in
+/// the bank (f16) and in memory at inspection. 256 MiB is a small share of a Jetson's 8–64 GB
+/// and holds ≈ 300 magnetic-tile images (2.15 DINOv2-S tiles each, 2 levels: 0.9 MB an image).
+pub const ALIGNED_POOL_BUDGET_BYTES: usize = 256 << 20;
+
+/// The default reference selection (issue 14 §2): semantic-aligned references — each frame gets
+/// the pool images nearest it in appearance, so a part is compared with parts like it (visible
+/// magnetic tile: image AUROC 0.921 against 0.871 for k-means, docs/results.md) — where the
+/// pool's features fit [`ALIGNED_POOL_BUDGET_BYTES`] in f16; else k-means, with the reason.
+pub fn default_selection(
+    pool: &FeatureSet,
+    taps: &[usize],
+    dtype: BankDtype,
+) -> (Selection, Option<String>) {
+    if dtype != BankDtype::F16 {
+        return (
+            Selection::Kmeans,
+            Some("--bank-dtype f32: k-means references (aligned pools are kept in f16)".into()),
+        );
+    }
+    let bytes: usize = pool
+        .frames
+        .iter()
+        .flat_map(|f| &f.tiles)
+        .map(|t| taps.iter().map(|&l| 2 * t.levels[l].len()).sum::<usize>())
+        .sum();
+    if bytes <= ALIGNED_POOL_BUDGET_BYTES {
+        (Selection::Aligned, None)
+    } else {
+        (
+            Selection::Kmeans,
+            Some(format!(
+                "the pool's features take {:.0} MB in f16, over the {} MB that aligned references may take: k-means references instead (--select aligned forces them)",
+                bytes as f64 / 1e6,
+                ALIGNED_POOL_BUDGET_BYTES >> 20
+            )),
+        )
+    }
+}
+
 /// Choose references, build the bank, score the other normal images, set the threshold.
 /// `progress(stage, done, total)` reports long stages.
 pub fn calibrate(
@@ -631,30 +672,20 @@ pub fn calibrate(
             )));
         }
     }
-    let pool = FeatureSet::extract(pipeline, paths, |i, n| progress("features", i, n))?;
-    let selection = if explicit.is_some() {
-        "list".to_string()
-    } else {
-        let channels = pipeline.description().desc.features.channels;
-        ref_idx = pool.select(k, opts.select, opts.seed, channels);
-        match opts.select {
-            Selection::First => format!("first {k} of {}", pool.paths.len()),
-            Selection::Aligned => format!(
-                "aligned (seed {}): {k} of {} per frame",
-                opts.seed,
-                pool.paths.len()
-            ),
-            s => format!("{s} (seed {}) {k} of {}", opts.seed, pool.paths.len()),
-        }
-    };
-    let aligned = opts.select == Selection::Aligned && explicit.is_none();
-    if aligned && opts.bank_dtype != BankDtype::F16 {
+    if opts.select == Some(Selection::Aligned) && opts.bank_dtype != BankDtype::F16 {
         return Err(Error::Invalid(
             "--select aligned keeps the whole pool in the bank file in f16: drop --bank-dtype f32"
                 .into(),
         ));
     }
-    let windows: usize = ref_idx.iter().map(|&i| pool.frames[i].tiles.len()).sum();
+    let pool = FeatureSet::extract(pipeline, paths, |i, n| progress("features", i, n))?;
+    if explicit.is_none() {
+        // Aligned banks choose per frame; the k-means references stand in where one fixed set
+        // is needed (choosing levels), so the default's choice can wait for the levels.
+        let channels = pipeline.description().desc.features.channels;
+        let fixed = opts.select.unwrap_or(Selection::Kmeans);
+        ref_idx = pool.select(k, fixed, opts.seed, channels);
+    }
     let ntaps = pipeline.description().desc.taps.len();
     let defects = match &opts.defects {
         None => None,
@@ -705,6 +736,30 @@ pub fn calibrate(
         }
     };
 
+    let mut notes = Vec::new();
+    let select = match opts.select {
+        Some(s) => s,
+        None => {
+            let (s, note) = default_selection(&pool, &taps, opts.bank_dtype);
+            if let Some(note) = note {
+                log::warn!("{}: {note}", opts.images.display());
+                notes.push(note);
+            }
+            s
+        }
+    };
+    let selection = match select {
+        _ if explicit.is_some() => "list".to_string(),
+        Selection::First => format!("first {k} of {}", pool.paths.len()),
+        Selection::Aligned => format!(
+            "aligned (seed {}): {k} of {} per frame",
+            opts.seed,
+            pool.paths.len()
+        ),
+        s => format!("{s} (seed {}) {k} of {}", opts.seed, pool.paths.len()),
+    };
+    let aligned = select == Selection::Aligned && explicit.is_none();
+    let windows: usize = ref_idx.iter().map(|&i| pool.frames[i].tiles.len()).sum();
     let desc = pipeline.description().desc.clone();
     let scorer = if aligned {
         let cells: Vec<CellFeatures> = pool
@@ -732,7 +787,7 @@ pub fn calibrate(
     // Chosen references are redrawn (scored against a bank chosen without them): a reference
     // scored against the other references is biased high — a k-means reference is alone in its
     // cluster (issue 14). Listed references have nothing to be redrawn from.
-    let redraw = explicit.is_none().then_some((opts.select, opts.seed));
+    let redraw = explicit.is_none().then_some((select, opts.seed));
     let scored = pool_scores(pipeline, &pool, &scorer, &ref_idx, redraw, opts.bank_dtype)?;
     progress("scoring normal images", 1, 1);
     let defect_scores: Vec<ScoredImage> = match &defects {
@@ -753,8 +808,9 @@ pub fn calibrate(
     let d: Vec<f64> = defect_scores.iter().map(|s| s.score).collect();
     let (threshold, rule_note, _) = pool_threshold(&scored, &d, opts.rule)
         .map_err(|e| Error::Invalid(format!("{}: {e}", opts.images.display())))?;
-    if let Some(note) = &rule_note {
+    if let Some(note) = rule_note {
         log::warn!("{}: {note}", opts.images.display());
+        notes.push(note);
     }
 
     let mut order: Vec<usize> = (0..scored.len()).collect();
@@ -853,7 +909,7 @@ pub fn calibrate(
             candidates,
             top_normal,
             windows,
-            rule_note,
+            notes,
         },
     ))
 }

@@ -93,7 +93,7 @@ pub fn summary(h: &BankHeader, r: &CalibrationReport) -> String {
             t.normal_count
         );
     }
-    if let Some(note) = &r.rule_note {
+    for note in &r.notes {
         let _ = writeln!(s, "note: {note}");
     }
     s
