@@ -36,11 +36,19 @@ pub enum ThresholdRule {
     },
 }
 
+/// Beyond this many held-out scores no pool is real: budgets that would need more are reported
+/// as such instead of as an overflowing count.
+const MAX_POOL: usize = 1 << 40;
+
 /// The smallest number of held-out normal scores for which the conformal rule can guarantee a
-/// false-reject rate of at most `p` (`⌈(n+1)(1−p)⌉ ≤ n`).
+/// false-reject rate of at most `p` (`⌈(n+1)(1−p)⌉ ≤ n`); `usize::MAX` beyond any pool.
 pub fn conformal_min_scores(p: f64) -> usize {
-    // (n+1)·p ≥ 1 ⇔ n ≥ 1/p − 1; computed with the same ceil as the rule to agree at edges.
-    let mut n = ((1.0 / p) - 1.0).ceil().max(1.0) as usize;
+    // (n+1)·p ≥ 1 ⇔ n ≥ 1/p − 1; computed with the same rank as the rule to agree at edges.
+    let approx = ((1.0 / p) - 1.0).ceil().max(1.0);
+    if approx.is_nan() || approx >= MAX_POOL as f64 {
+        return usize::MAX;
+    }
+    let mut n = approx as usize;
     while conformal_rank(n, p) > n {
         n += 1;
     }
@@ -50,10 +58,38 @@ pub fn conformal_min_scores(p: f64) -> usize {
     n
 }
 
-/// The 1-based rank `⌈(n+1)(1−p)⌉` of the conformal threshold among `n` sorted scores.
+/// The 1-based rank `⌈(n+1)(1−p)⌉` of the conformal threshold among `n` sorted scores, never one
+/// whose stated rate `(n+1−k)/(n+1)` exceeds `p`.
 pub fn conformal_rank(n: usize, p: f64) -> usize {
-    // A tiny slack keeps (n+1)(1−p) that is an integer in exact arithmetic from rounding up.
-    (((n + 1) as f64) * (1.0 - p) - 1e-9).ceil() as usize
+    let n1 = n.saturating_add(1);
+    // A tiny slack keeps (n+1)(1−p) that is an integer in exact arithmetic from rounding up…
+    let mut k = ((n1 as f64) * (1.0 - p) - 1e-9).ceil().max(0.0) as usize;
+    // …and this keeps the slack from ever stating more than the budget.
+    while k <= n && (n1 - k) as f64 / n1 as f64 > p {
+        k += 1;
+    }
+    k
+}
+
+/// A rate as people read it: short when short (`0.02`), else 4 significant digits (`0.1111`,
+/// `1e-300` as `1.000e-300`).
+pub fn fmt_rate(p: f64) -> String {
+    let short = format!("{p}");
+    if short.len() <= 8 {
+        short
+    } else if p.abs() >= 1e-4 {
+        format!("{p:.4}")
+    } else {
+        format!("{p:.3e}")
+    }
+}
+
+fn fmt_count(n: usize) -> String {
+    if n == usize::MAX {
+        "more than any pool holds".into()
+    } else {
+        n.to_string()
+    }
 }
 
 impl std::fmt::Display for ThresholdRule {
@@ -63,7 +99,9 @@ impl std::fmt::Display for ThresholdRule {
             ThresholdRule::MaxTimesMargin { margin } => write!(f, "max*{margin}"),
             ThresholdRule::MeanPlusKSigma { k } => write!(f, "mean+{k}sigma"),
             ThresholdRule::Quantile { false_reject } => write!(f, "quantile:{false_reject}"),
-            ThresholdRule::Conformal { reject_rate } => write!(f, "conformal:{reject_rate}"),
+            ThresholdRule::Conformal { reject_rate } => {
+                write!(f, "conformal:{}", fmt_rate(*reject_rate))
+            }
         }
     }
 }
@@ -208,10 +246,13 @@ impl Threshold {
                 max * margin
             }
             ThresholdRule::MaxTimesMargin { margin } => {
-                return Err(format!("margin {margin} must be ≥ 1"))
+                return Err(format!("margin {margin} must be finite and ≥ 1"))
             }
-            ThresholdRule::MeanPlusKSigma { k } if k.is_finite() => mean + k * std,
-            ThresholdRule::MeanPlusKSigma { k } => return Err(format!("k {k} must be finite")),
+            // k < 0 puts the threshold below the mean: most good parts would be rejected.
+            ThresholdRule::MeanPlusKSigma { k } if k.is_finite() && k >= 0.0 => mean + k * std,
+            ThresholdRule::MeanPlusKSigma { k } => {
+                return Err(format!("k {k} must be finite and ≥ 0 (mean + k·sigma)"))
+            }
             ThresholdRule::Quantile { false_reject } if (0.0..1.0).contains(&false_reject) => {
                 let mut sorted = scores.to_vec();
                 sorted.sort_by(f64::total_cmp);
@@ -228,9 +269,10 @@ impl Threshold {
                 let k = conformal_rank(scores.len(), p);
                 if k > scores.len() {
                     return Err(format!(
-                        "--reject-rate {p}: {} held-out normal scores are too few to guarantee it; at least {} are needed",
+                        "false-reject budget {}: {} held-out normal scores are too few to guarantee it; at least {} are needed",
+                        fmt_rate(p),
                         scores.len(),
-                        conformal_min_scores(p)
+                        fmt_count(conformal_min_scores(p))
                     ));
                 }
                 let mut sorted = scores.to_vec();
@@ -238,7 +280,10 @@ impl Threshold {
                 sorted[k.max(1) - 1]
             }
             ThresholdRule::Conformal { reject_rate } => {
-                return Err(format!("--reject-rate {reject_rate}: must be in (0, 0.5)"))
+                return Err(format!(
+                "false-reject budget {} (--reject-rate, --rule conformal:P): must be in (0, 0.5)",
+                fmt_rate(reject_rate)
+            ))
             }
         };
         let expected_false_reject = match rule {
@@ -298,6 +343,13 @@ impl Threshold {
         let (_, dstd) = mean_std(defects);
         let gap = dmin - t.normal_max;
         t.value = value;
+        // The rule's stated rate was for its own threshold; the placed one states its own: the
+        // conformal bound (n+1−k)/(n+1), k the held-out scores at or below it.
+        if t.expected_false_reject.is_some() {
+            let n = normal.len();
+            let k = normal.iter().filter(|&&s| s <= value).count();
+            t.expected_false_reject = Some((n + 1 - k) as f64 / (n + 1) as f64);
+        }
         t.defects = Some(DefectStats {
             count: defects.len(),
             min: dmin,
@@ -446,6 +498,73 @@ mod tests {
         assert_eq!((t.value, t.expected_false_reject), (0.4, Some(0.5)));
     }
 
+    /// The rank never states more than the budget, whatever the float slack; budgets no pool
+    /// can meet are said so; rates print short.
+    #[test]
+    fn conformal_edges_never_state_more_than_asked() {
+        // n = 3, P just under 1/4: the 3rd of 3 would state 1/4 > P → refused.
+        let e = Threshold::from_scores(
+            &[1.0, 2.0, 3.0],
+            ThresholdRule::Conformal {
+                reject_rate: 0.2499999999,
+            },
+        )
+        .unwrap_err();
+        assert!(e.contains("too few"), "{e}");
+        for n in 1..200 {
+            for p in [0.01, 0.02, 0.05, 0.1, 0.2499999999, 0.3333333, 0.49] {
+                let k = conformal_rank(n, p);
+                if k <= n {
+                    assert!(
+                        ((n + 1 - k) as f64 / (n + 1) as f64) <= p,
+                        "n {n} p {p} k {k}"
+                    );
+                }
+            }
+        }
+        assert_eq!(conformal_min_scores(1e-300), usize::MAX);
+        let e = Threshold::from_scores(
+            &[1.0],
+            ThresholdRule::Conformal {
+                reject_rate: 1e-300,
+            },
+        )
+        .unwrap_err();
+        assert!(
+            e.contains("1.000e-300") && e.contains("more than any pool holds"),
+            "{e}"
+        );
+        assert_eq!(fmt_rate(0.02), "0.02");
+        assert_eq!(fmt_rate(1.0 / 9.0), "0.1111");
+        assert_eq!(
+            ThresholdRule::default_for(8).0.to_string(),
+            "conformal:0.1111"
+        );
+    }
+
+    /// With known-bad parts the threshold moves; the stated rate follows it (the conformal bound
+    /// at the placed threshold), not the rule's own.
+    #[test]
+    fn defects_restate_the_rate_of_the_placed_threshold() {
+        let normal: Vec<f64> = (1..=9).map(f64::from).collect();
+        let rule = ThresholdRule::Conformal { reject_rate: 0.4 };
+        // Alone: k = ⌈10 × 0.6⌉ = 6 → 6.0, rate 4/10.
+        let t = Threshold::from_scores(&normal, rule).unwrap();
+        assert_eq!((t.value, t.expected_false_reject), (6.0, Some(0.4)));
+        // Defects above every normal: midway 9.5, all 9 at or below → 1/10.
+        let t = Threshold::between(&normal, &[10.0, 11.0], rule).unwrap();
+        assert_eq!(t.value, 9.5);
+        assert!((t.expected_false_reject.unwrap() - 0.1).abs() < 1e-12);
+        // Other rules state none.
+        let t = Threshold::between(
+            &normal,
+            &[10.0],
+            ThresholdRule::MaxTimesMargin { margin: 1.0 },
+        )
+        .unwrap();
+        assert_eq!(t.expected_false_reject, None);
+    }
+
     #[test]
     fn max_times_margin_and_mean_plus_k_sigma() {
         let s = [1.0, 2.0, 3.0];
@@ -475,6 +594,17 @@ mod tests {
         .unwrap();
         assert_eq!(t.value, 3.0);
         assert!(Threshold::from_scores(&s, ThresholdRule::Quantile { false_reject: 1.0 }).is_err());
+        // mean − 3σ would reject most good parts; an infinite margin passes everything.
+        let e = Threshold::from_scores(&s, ThresholdRule::MeanPlusKSigma { k: -3.0 }).unwrap_err();
+        assert!(e.contains("≥ 0"), "{e}");
+        let e = Threshold::from_scores(
+            &s,
+            ThresholdRule::MaxTimesMargin {
+                margin: f64::INFINITY,
+            },
+        )
+        .unwrap_err();
+        assert!(e.contains("finite"), "{e}");
     }
 
     #[test]
@@ -496,7 +626,6 @@ mod tests {
             ThresholdRule::MaxTimesMargin { margin: 1.05 },
             ThresholdRule::MeanPlusKSigma { k: 3.0 },
             ThresholdRule::Quantile { false_reject: 0.01 },
-            ThresholdRule::default_for(8).0,
         ] {
             assert_eq!(r.to_string().parse::<ThresholdRule>().unwrap(), r);
         }

@@ -162,8 +162,9 @@ struct CalibrateArgs {
     /// Reference images in the bank.
     #[arg(long, default_value_t = 8)]
     refs: usize,
-    /// File listing the exact reference images, one path per line (relative to the file).
-    #[arg(long)]
+    /// File listing the exact reference images, one path per line (relative to the file); the
+    /// list says how many and which, so --refs and --select beside it are refused.
+    #[arg(long, conflicts_with_all = ["refs", "select"])]
     refs_list: Option<PathBuf>,
     /// Reference selection from the pool: aligned (the K pool images nearest each frame, chosen
     /// at inspection; the bank file keeps the whole pool) | kmeans | first | random. Default:
@@ -224,7 +225,10 @@ impl RuleArgs {
             match (self.rule, self.margin, self.sigma, self.reject_rate) {
                 (_, _, _, Some(p)) => {
                     if !(p > 0.0 && p < 0.5) {
-                        anyhow::bail!("--reject-rate {p}: must be in (0, 0.5), e.g. 0.02 for 2 % of good parts rejected");
+                        anyhow::bail!(
+                        "--reject-rate {}: must be in (0, 0.5), e.g. 0.02 for 2 % of good parts rejected",
+                        edge_ad_calibration::threshold::fmt_rate(p)
+                    );
                     }
                     Some(ThresholdRule::Conformal { reject_rate: p })
                 }
@@ -286,7 +290,8 @@ struct EvalArgs {
     /// Framings, comma-separated (default: the description's).
     #[arg(long, value_delimiter = ',')]
     fit: Vec<Fit>,
-    /// Reference selections, comma-separated (default: aligned, calibrate's default).
+    /// Reference selections, comma-separated (default: aligned, calibrate's default; with
+    /// --bank-dtype f32 pass kmeans, first or random: aligned pools are kept in f16).
     #[arg(long, value_delimiter = ',', default_value = "aligned")]
     select: Vec<Selection>,
     /// Level sets separated by `;`: model | all | auto | a list like 2,3.
@@ -395,7 +400,17 @@ fn main() -> ExitCode {
     match r {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("edge-ad: error: {e:#}");
+            // The chain, each cause once: a library error that already says its cause (an I/O
+            // error with its path) would otherwise repeat the OS's words.
+            let mut msg = e.to_string();
+            for cause in e.chain().skip(1) {
+                let c = cause.to_string();
+                if !msg.contains(&c) {
+                    msg.push_str(": ");
+                    msg.push_str(&c);
+                }
+            }
+            eprintln!("edge-ad: error: {msg}");
             ExitCode::from(2)
         }
     }
@@ -640,14 +655,16 @@ fn cmd_calibrate(args: CalibrateArgs) -> Result<()> {
         bank_dtype,
         rule,
     };
-    let (file, report) = calibrate(&mut pipeline, &opts, progress_line())?;
-    let summary = edge_ad::report::summary(&file.header, &report);
-    print!("{summary}");
     let rdir = report_dir.unwrap_or_else(|| {
         let mut p = out.clone().into_os_string();
         p.push(".report");
         PathBuf::from(p)
     });
+    // The report replaces an earlier report there, never anything else (before the long work).
+    edge_ad::report::check_report_dir(&rdir)?;
+    let (file, report) = calibrate(&mut pipeline, &opts, progress_line())?;
+    let summary = edge_ad::report::summary(&file.header, &report);
+    print!("{summary}");
     edge_ad::report::save_with_bank(&file, &out, &rdir, &report, &summary)
         .context("cannot write the bank and its calibration report")?;
     println!("bank written: {} ({})", out.display(), bank_dtype.name());
@@ -788,7 +805,7 @@ fn cmd_eval(args: EvalArgs) -> Result<()> {
     };
     if !json {
         println!(
-            "{:<8} {:<7} {:<10} {:>5} {:>7} {:>7} {:>7} {:>7} {:>9} {:>6} {:>6} {:>6} {:>6}",
+            "{:<12} {:<7} {:<10} {:>5} {:>7} {:>7} {:>7} {:>7} {:>9} {:>6} {:>6} {:>6} {:>6}",
             "fit",
             "select",
             "levels",
@@ -817,7 +834,7 @@ fn cmd_eval(args: EvalArgs) -> Result<()> {
             .join(",");
         let line = |name: &str, m: &eval::Metrics, op: &str| {
             println!(
-                "{:<8} {:<7} {:<10} {:>5.2} {:>7.3} {:>7.3} {:>7.3} {:>7.3}{op}",
+                "{:<12} {:<7} {:<10} {:>5.2} {:>7.3} {:>7.3} {:>7.3} {:>7.3}{op}",
                 name,
                 r.selection,
                 lv,

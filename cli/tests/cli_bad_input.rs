@@ -548,3 +548,123 @@ fn reject_rate_is_checked_and_stated() {
         "{text}"
     );
 }
+
+/// `--report` replaces an earlier report, never anything else: a folder with other files (here
+/// a copy of the image pool) or a plain file is refused before any work and left as it was.
+#[test]
+fn a_report_path_that_is_not_a_report_is_refused_and_kept() {
+    let t = tempfile::tempdir().unwrap();
+    let pool = t.path().join("pool");
+    std::fs::create_dir_all(&pool).unwrap();
+    for e in std::fs::read_dir(root().join("demo/images/good")).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), pool.join(e.file_name())).unwrap();
+    }
+    let note = t.path().join("notes.txt");
+    std::fs::write(&note, "important").unwrap();
+    let bank = t.path().join("b.eab");
+    let cal = |report: &Path| {
+        vec![
+            "calibrate".to_string(),
+            "--model".into(),
+            s(&demo_model()).into(),
+            "--refs".into(),
+            "4".into(),
+            "--images".into(),
+            s(&pool).into(),
+            "--out".into(),
+            s(&bank).into(),
+            "--report".into(),
+            s(report).into(),
+        ]
+    };
+    fn args(v: &[String]) -> Vec<&str> {
+        v.iter().map(String::as_str).collect()
+    }
+    let err = fails(&args(&cal(&pool)));
+    assert!(
+        err.contains("not part of a calibration report") && err.contains("plate_0"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read_dir(&pool).unwrap().count(), 8);
+    let err = fails(&args(&cal(&note)));
+    assert!(
+        err.contains("not a folder") && err.contains("notes.txt"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read_to_string(&note).unwrap(), "important");
+    assert!(!bank.exists());
+    // An earlier report is replaced.
+    let report = t.path().join("rep");
+    ok(&args(&cal(&report)));
+    ok(&args(&cal(&report)));
+    assert!(report.join("summary.txt").is_file() && bank.is_file());
+}
+
+/// `eval`: an empty `test/good` and an aligned evaluation in f32 are refused by name; a
+/// `--refs-list` beside `--refs` or `--select` in calibrate is a contradiction.
+#[test]
+fn eval_and_calibrate_contradictions_are_refused() {
+    let t = tempfile::tempdir().unwrap();
+    let data = t.path().join("set");
+    let good = root().join("demo/images/good");
+    std::fs::create_dir_all(data.join("train/good")).unwrap();
+    std::fs::create_dir_all(data.join("test/good")).unwrap();
+    std::fs::create_dir_all(data.join("test/crack")).unwrap();
+    std::fs::create_dir_all(data.join("ground_truth/crack")).unwrap();
+    for i in 0..6 {
+        let f = format!("plate_0{i}.png");
+        std::fs::copy(good.join(&f), data.join("train/good").join(&f)).unwrap();
+    }
+    let crack = root().join("demo/images/test/crack/plate_00.png");
+    std::fs::copy(&crack, data.join("test/crack/plate_00.png")).unwrap();
+    let (w, h) = image::image_dimensions(&crack).unwrap();
+    image::GrayImage::new(w, h)
+        .save(data.join("ground_truth/crack/plate_00_mask.png"))
+        .unwrap();
+    let model = demo_model();
+    let eval = |extra: &[&str]| {
+        let mut a = vec![
+            "eval",
+            "--model",
+            s(&model),
+            "--data",
+            s(&data),
+            "--refs",
+            "2",
+        ];
+        a.extend_from_slice(extra);
+        fails(&a)
+    };
+    let err = eval(&[]);
+    assert!(
+        err.contains("no good test images") && err.contains("test/good"),
+        "{err}"
+    );
+    let err = eval(&["--bank-dtype", "f32"]);
+    assert!(
+        err.contains("--select aligned") && err.contains("f16"),
+        "{err}"
+    );
+    let list = t.path().join("refs.txt");
+    std::fs::write(&list, "plate_00.png\n").unwrap();
+    for extra in [["--refs", "3"], ["--select", "kmeans"]] {
+        let mut a = vec![
+            "calibrate",
+            "--model",
+            s(&model),
+            "--images",
+            s(&good),
+            "--out",
+            "x.eab",
+            "--refs-list",
+            s(&list),
+        ];
+        a.extend_from_slice(&extra);
+        let err = fails(&a);
+        assert!(
+            err.contains("--refs-list") && err.contains(extra[0]),
+            "{err}"
+        );
+    }
+}

@@ -97,7 +97,7 @@ pub struct EvalRow {
     pub levels: Vec<usize>,
     /// How the levels were chosen (for `auto`, the criterion's result).
     pub level_choice: String,
-    /// References used (relative to `train/good`).
+    /// References used (relative to `train/good`); empty for aligned (chosen per frame).
     pub references: Vec<String>,
     /// Backbone passes per test frame, mean.
     pub tiles_per_frame: f64,
@@ -137,6 +137,12 @@ fn load_test_set(data: &Path) -> Result<(Vec<PathBuf>, Vec<TestImage>)> {
         return Err(Error::Invalid(format!(
             "{}: no good/ folder (MVTec layout: test/good and test/<defect type>)",
             test.display()
+        )));
+    }
+    if list_images(&test.join("good"))?.is_empty() {
+        return Err(Error::Invalid(format!(
+            "{}: no good test images (the false rejects and every AUROC need some)",
+            test.join("good").display()
         )));
     }
     if types.len() < 2 {
@@ -249,6 +255,12 @@ pub fn evaluate(
     }
     if eo.refs == 0 {
         return Err(Error::Invalid("--refs 0: a bank needs references".into()));
+    }
+    // As calibrate: an aligned pool is kept in f16.
+    if eo.bank_dtype != BankDtype::F16 && eo.selections.contains(&Selection::Aligned) {
+        return Err(Error::Invalid(
+            "--select aligned keeps the whole pool in f16 (as calibrate does): drop --bank-dtype f32, or evaluate kmeans, first or random".into(),
+        ));
     }
     let (test_paths, test) = load_test_set(&eo.data)?;
     let mut rows = Vec::new();
@@ -366,8 +378,10 @@ pub fn evaluate(
                     selection: sel.to_string(),
                     levels: taps.iter().map(|t| t + 1).collect(),
                     level_choice: why,
+                    // Aligned references are chosen per frame: no one list to show.
                     references: refs
                         .iter()
+                        .filter(|_| sel != Selection::Aligned)
                         .map(|&i| {
                             pool.paths[i]
                                 .strip_prefix(&train)

@@ -14,7 +14,7 @@ use edge_ad_calibration::bankfile::AlignedPool;
 use edge_ad_calibration::bankfile::{BankHeader, LevelInfo};
 use edge_ad_calibration::metrics;
 use edge_ad_calibration::select::{kmeans_references, random_indices, Selection};
-use edge_ad_calibration::threshold::conformal_min_scores;
+use edge_ad_calibration::threshold::{conformal_min_scores, fmt_rate};
 use edge_ad_calibration::{BankFile, LevelData, Threshold, ThresholdRule};
 use edge_ad_kernels::{BankDtype, LevelBank};
 use std::collections::HashSet;
@@ -414,10 +414,20 @@ pub(crate) fn pool_threshold(
         .filter(|s| !(held_out_only && s.2))
         .map(|s| s.1.score as f64)
         .collect();
-    let (rule, note) = match rule {
+    let (rule, mut note) = match rule {
         Some(r) => (r, None),
         None => ThresholdRule::default_for(normal.len()),
     };
+    if !defects.is_empty() && held_out_only {
+        note = Some(format!(
+            "with known-bad parts the threshold is placed between the classes, not by the {} budget; the false-reject rate stated is the conformal bound at the placed threshold over the {} held-out good scores",
+            edge_ad_calibration::threshold::fmt_rate(match rule {
+                ThresholdRule::Conformal { reject_rate } => reject_rate,
+                _ => f64::NAN,
+            }),
+            normal.len()
+        ));
+    }
     let t = if defects.is_empty() {
         Threshold::from_scores(&normal, rule)
     } else {
@@ -645,7 +655,7 @@ pub fn calibrate(
     };
     if paths.len() <= k {
         return Err(Error::Invalid(format!(
-            "{}: {} normal images; calibration needs {} references plus at least one more normal image to set the threshold",
+            "{}: {} normal images; calibration needs {} references (--refs) plus at least one more normal image to set the threshold",
             opts.images.display(),
             listed.len(),
             k
@@ -655,17 +665,23 @@ pub fn calibrate(
     // references are redrawn, aligned ones are chosen without the image), or the pool minus the
     // references of a --refs-list.
     if let Some(ThresholdRule::Conformal { reject_rate }) = opts.rule {
+        let p = fmt_rate(reject_rate);
         if !(reject_rate > 0.0 && reject_rate < 0.5) {
             return Err(Error::Invalid(format!(
-                "--reject-rate {reject_rate}: must be in (0, 0.5)"
+                "false-reject budget {p} (--reject-rate, --rule conformal:P): must be in (0, 0.5)"
             )));
         }
         let listed_refs = if explicit.is_some() { k } else { 0 };
         let held_out = paths.len() - listed_refs;
         let need = conformal_min_scores(reject_rate);
+        if need == usize::MAX {
+            return Err(Error::Invalid(format!(
+                "false-reject budget {p}: no pool of good images is large enough to guarantee it (it needs ⌈1/P⌉ − 1 held-out images); use a larger rate, e.g. 0.02"
+            )));
+        }
         if held_out < need {
             return Err(Error::Invalid(format!(
-                "{}: --reject-rate {reject_rate} needs at least {need} held-out good images to guarantee it; this pool of {} gives {held_out} — use a pool of at least {} images, or a larger rate",
+                "{}: false-reject budget {p} needs at least {need} held-out good images to guarantee it; this pool of {} gives {held_out} — use a pool of at least {} images, or a larger rate",
                 opts.images.display(),
                 paths.len(),
                 need + listed_refs

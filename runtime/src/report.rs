@@ -20,7 +20,8 @@ fn rule_text(r: &ThresholdRule) -> String {
             format!("false-reject budget {false_reject} (quantile of the normal scores)")
         }
         ThresholdRule::Conformal { reject_rate } => format!(
-            "false-reject budget {reject_rate}, conformal order statistic of the held-out scores"
+            "false-reject budget {}, conformal order statistic of the held-out scores",
+            edge_ad_calibration::threshold::fmt_rate(*reject_rate)
         ),
     }
 }
@@ -77,9 +78,14 @@ pub fn summary(h: &BankHeader, r: &CalibrationReport) -> String {
             "defect scores ({} images): min {:.4}  max {:.4}; gap to the highest normal {:+.4}, separation {:.2} (gap / summed std)",
             d.count, d.min, d.max, d.gap, d.separation
         );
+        let place = if d.gap > 0.0 {
+            "midway between the classes"
+        } else {
+            "where the classes overlap, at the cut with the fewest errors"
+        };
         let _ = writeln!(
             s,
-            "threshold {:.4}: between the classes ({} false rejects, {} misses among the calibration images)",
+            "threshold {:.4}: {place} ({} false rejects, {} misses among the calibration images)",
             t.value, d.false_rejects, d.misses
         );
     } else {
@@ -228,6 +234,44 @@ pub fn contact_sheet(images: &[Rgb8], cell: usize) -> Rgb8 {
     out
 }
 
+/// The files a calibration report consists of (what [`write`] puts in its folder).
+fn is_report_file(name: &str) -> bool {
+    matches!(name, "summary.txt" | "histogram.png" | "references.png")
+        || name
+            .strip_prefix("normal-")
+            .and_then(|r| r.strip_suffix(".png"))
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// `dir` may take a new report: it does not exist, or it is an earlier report (a folder holding
+/// only a report's files). Anything else — a file, the image pool, a folder with other files —
+/// is refused naming what is there: a new report replaces the folder whole.
+pub fn check_report_dir(dir: &Path) -> Result<()> {
+    let meta = match std::fs::symlink_metadata(dir) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Error::io(dir, e)),
+    };
+    if !meta.is_dir() {
+        return Err(Error::Invalid(format!(
+            "report folder {}: exists and is not a folder; a report would replace it: choose another path (--report)",
+            dir.display()
+        )));
+    }
+    for entry in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
+        let entry = entry.map_err(|e| Error::io(dir, e))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let file = entry.file_type().map(|t| t.is_file()).unwrap_or(false);
+        if !(file && is_report_file(&name)) {
+            return Err(Error::Invalid(format!(
+                "report folder {}: holds {name}, which is not part of a calibration report; a new report replaces the whole folder: choose another path (--report) or empty it",
+                dir.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Write the bank to `bank_path` and its report to `report_dir` so that a bank is never left
 /// beside another calibration's report, whatever moment the process is killed at: the report is
 /// written whole into a temporary folder first, the old report is removed, the bank is renamed
@@ -249,6 +293,7 @@ pub fn save_with_bank(
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "report".into());
+    check_report_dir(report_dir)?;
     let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     if let Err(e) = write(&tmp, &bank.header, r, summary) {
