@@ -172,6 +172,32 @@ impl Default for ThresholdRule {
 }
 
 impl ThresholdRule {
+    /// Refuse a rule no pool can apply, naming the value: the check a command makes before any
+    /// work, and the words [`Threshold::from_scores`] refuses with.
+    pub fn validate(&self) -> Result<(), String> {
+        match *self {
+            ThresholdRule::MaxTimesMargin { margin } if !(margin.is_finite() && margin >= 1.0) => {
+                Err(format!("margin {margin} must be finite and ≥ 1"))
+            }
+            // k < 0 puts the threshold below the mean: most good parts would be rejected.
+            ThresholdRule::MeanPlusKSigma { k } if !(k.is_finite() && k >= 0.0) => {
+                Err(format!("k {k} must be finite and ≥ 0 (mean + k·sigma)"))
+            }
+            ThresholdRule::Quantile { false_reject } if !(0.0..1.0).contains(&false_reject) => {
+                Err(format!(
+                    "false-reject budget {false_reject} must be in [0, 1)"
+                ))
+            }
+            ThresholdRule::Conformal { reject_rate } if !(reject_rate > 0.0 && reject_rate < 0.5) => {
+                Err(format!(
+                    "false-reject budget {} (--reject-rate, --rule conformal:P): must be in (0, 0.5), e.g. 0.02 for 2 % of good parts rejected",
+                    fmt_rate(reject_rate)
+                ))
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// The default rule for `n` held-out normal scores: `conformal:0.02` when `n` is large enough
     /// to guarantee it (49), otherwise the largest held-out score — the conformal rule at the
     /// finest budget `n` scores can state, `1/(n+1)` — with the reason in words (for the log and
@@ -241,31 +267,20 @@ impl Threshold {
         let (mean, std) = mean_std(scores);
         let min = scores.iter().copied().fold(f64::INFINITY, f64::min);
         let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        // 0.5 itself only from `default_for(1)`: one held-out score states no finer rate.
+        if rule != (ThresholdRule::Conformal { reject_rate: 0.5 }) {
+            rule.validate()?;
+        }
         let value = match rule {
-            ThresholdRule::MaxTimesMargin { margin } if margin >= 1.0 && margin.is_finite() => {
-                max * margin
-            }
-            ThresholdRule::MaxTimesMargin { margin } => {
-                return Err(format!("margin {margin} must be finite and ≥ 1"))
-            }
-            // k < 0 puts the threshold below the mean: most good parts would be rejected.
-            ThresholdRule::MeanPlusKSigma { k } if k.is_finite() && k >= 0.0 => mean + k * std,
-            ThresholdRule::MeanPlusKSigma { k } => {
-                return Err(format!("k {k} must be finite and ≥ 0 (mean + k·sigma)"))
-            }
-            ThresholdRule::Quantile { false_reject } if (0.0..1.0).contains(&false_reject) => {
+            ThresholdRule::MaxTimesMargin { margin } => max * margin,
+            ThresholdRule::MeanPlusKSigma { k } => mean + k * std,
+            ThresholdRule::Quantile { false_reject } => {
                 let mut sorted = scores.to_vec();
                 sorted.sort_by(f64::total_cmp);
                 let keep = ((1.0 - false_reject) * n).ceil() as usize;
                 sorted[keep.clamp(1, scores.len()) - 1]
             }
-            ThresholdRule::Quantile { false_reject } => {
-                return Err(format!(
-                    "false-reject budget {false_reject} must be in [0, 1)"
-                ))
-            }
-            // 0.5 itself only from `default_for(1)`: one held-out score states no finer rate.
-            ThresholdRule::Conformal { reject_rate: p } if p > 0.0 && p <= 0.5 => {
+            ThresholdRule::Conformal { reject_rate: p } => {
                 let k = conformal_rank(scores.len(), p);
                 if k > scores.len() {
                     return Err(format!(
@@ -278,12 +293,6 @@ impl Threshold {
                 let mut sorted = scores.to_vec();
                 sorted.sort_by(f64::total_cmp);
                 sorted[k.max(1) - 1]
-            }
-            ThresholdRule::Conformal { reject_rate } => {
-                return Err(format!(
-                "false-reject budget {} (--reject-rate, --rule conformal:P): must be in (0, 0.5)",
-                fmt_rate(reject_rate)
-            ))
             }
         };
         let expected_false_reject = match rule {

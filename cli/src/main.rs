@@ -219,25 +219,20 @@ struct RuleArgs {
 }
 
 impl RuleArgs {
-    /// The rule asked for; `None`: the default.
+    /// The rule asked for (`None`: the default), refused before any work when no pool can
+    /// apply it.
     fn resolve(self) -> Result<Option<ThresholdRule>> {
-        Ok(
-            match (self.rule, self.margin, self.sigma, self.reject_rate) {
-                (_, _, _, Some(p)) => {
-                    if !(p > 0.0 && p < 0.5) {
-                        anyhow::bail!(
-                        "--reject-rate {}: must be in (0, 0.5), e.g. 0.02 for 2 % of good parts rejected",
-                        edge_ad_calibration::threshold::fmt_rate(p)
-                    );
-                    }
-                    Some(ThresholdRule::Conformal { reject_rate: p })
-                }
-                (Some(r), _, _, None) => Some(r),
-                (None, _, Some(k), None) => Some(ThresholdRule::MeanPlusKSigma { k }),
-                (None, Some(m), None, None) => Some(ThresholdRule::MaxTimesMargin { margin: m }),
-                (None, None, None, None) => None,
-            },
-        )
+        let rule = match (self.rule, self.margin, self.sigma, self.reject_rate) {
+            (_, _, _, Some(p)) => Some(ThresholdRule::Conformal { reject_rate: p }),
+            (Some(r), _, _, None) => Some(r),
+            (None, _, Some(k), None) => Some(ThresholdRule::MeanPlusKSigma { k }),
+            (None, Some(m), None, None) => Some(ThresholdRule::MaxTimesMargin { margin: m }),
+            (None, None, None, None) => None,
+        };
+        if let Some(r) = rule {
+            r.validate().map_err(anyhow::Error::msg)?;
+        }
+        Ok(rule)
     }
 }
 
@@ -960,19 +955,18 @@ fn cmd_bench(args: BenchArgs) -> Result<()> {
                 eprintln!("bench: {m}")
             }
         })?;
-        let peak_rss_mb = peak_rss_bytes() as f64 / 1e6;
         if json {
-            let mut v = serde_json::to_value(&r)?;
-            v["peak_rss_mb"] = serde_json::json!(peak_rss_mb);
-            println!("{v}");
+            println!("{}", serde_json::to_string(&r)?);
         } else {
             println!(
                 "edge-ad bench --bank: {} threads, {} frames ({} backbone passes each), {}, levels {:?}",
                 r.threads, r.frames, r.tiles, r.selection, r.levels
             );
             println!(
-                "  bank file {:.1} MB, peak memory (RSS) {peak_rss_mb:.0} MB",
-                r.bank_bytes as f64 / 1e6
+                "  bank file {:.1} MB, peak memory (RSS) {}",
+                r.bank_bytes as f64 / 1e6,
+                r.peak_rss_mb
+                    .map_or("unknown".to_string(), |m| format!("{m:.0} MB"))
             );
             println!("  {:<12} {:>9}", "stage", "median ms");
             for (name, ms) in [
@@ -1084,17 +1078,4 @@ fn cmd_cameras() {
             }
         }
     }
-}
-
-/// The process's peak resident memory (getrusage), in bytes; 0 where unknown.
-fn peak_rss_bytes() -> u64 {
-    let mut u = std::mem::MaybeUninit::<libc::rusage>::zeroed();
-    // SAFETY: getrusage writes a whole rusage into the buffer it is given; it was zeroed first.
-    let rc = unsafe { libc::getrusage(libc::RUSAGE_SELF, u.as_mut_ptr()) };
-    if rc != 0 {
-        return 0;
-    }
-    // SAFETY: rc == 0: the struct was filled. Linux reports ru_maxrss in KiB.
-    let maxrss = unsafe { u.assume_init() }.ru_maxrss;
-    u64::try_from(maxrss).unwrap_or(0) * 1024
 }

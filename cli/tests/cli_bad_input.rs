@@ -21,6 +21,11 @@ fn model_toml(dir: &Path, edit: impl Fn(String) -> String) -> PathBuf {
     p
 }
 
+/// Owned arguments as the `&str`s `ok` and `fails` take.
+fn args(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
 fn images_dir(dir: &Path, n: usize) -> PathBuf {
     let d = dir.join("imgs");
     std::fs::create_dir_all(&d).unwrap();
@@ -513,9 +518,6 @@ fn reject_rate_is_checked_and_stated() {
             rate.into(),
         ]
     };
-    fn args(v: &[String]) -> Vec<&str> {
-        v.iter().map(String::as_str).collect()
-    }
     for bad in ["0", "0.5", "-0.1", "nan"] {
         let err = fails(&args(&cal(bad)));
         assert!(
@@ -578,9 +580,6 @@ fn a_report_path_that_is_not_a_report_is_refused_and_kept() {
             s(report).into(),
         ]
     };
-    fn args(v: &[String]) -> Vec<&str> {
-        v.iter().map(String::as_str).collect()
-    }
     let err = fails(&args(&cal(&pool)));
     assert!(
         err.contains("not part of a calibration report") && err.contains("plate_0"),

@@ -91,6 +91,34 @@ pub struct GpuBench {
     pub gemm_tflops: f64,
 }
 
+/// Per-column medians of per-frame rows of stage times.
+fn medians<const N: usize>(rows: &[[f64; N]]) -> [f64; N] {
+    std::array::from_fn(|c| median(&mut rows.iter().map(|r| r[c]).collect::<Vec<_>>()))
+}
+
+/// The frames to time, decoded once before timing.
+fn load_frames(files: &[PathBuf]) -> Result<Vec<(PathBuf, Rgb8)>> {
+    files
+        .iter()
+        .map(|p| Ok((p.clone(), Rgb8::open(p)?)))
+        .collect()
+}
+
+/// This process's peak resident memory in bytes (`VmHWM` of `/proc/self/status`); `None` where
+/// the kernel does not say.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .trim()
+        .strip_suffix("kB")?
+        .trim()
+        .parse::<u64>()
+        .ok()?;
+    Some(kib * 1024)
+}
+
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
     let n = v.len();
@@ -144,10 +172,7 @@ pub fn run(
     let all: Vec<usize> = (0..pipeline.description().desc.taps.len()).collect();
     let bank =
         pipeline.bank_from_frames(&refs.iter().collect::<Vec<_>>(), opts.bank_dtype, &all)?;
-    let frames: Vec<(PathBuf, Rgb8)> = files[opts.refs..]
-        .iter()
-        .map(|p| Ok((p.clone(), load(p)?)))
-        .collect::<Result<_>>()?;
+    let frames = load_frames(&files[opts.refs..])?;
     let frames_n = opts.frames.max(20);
     progress(&format!(
         "{} warm-up + {} timed frames on {} threads",
@@ -155,14 +180,14 @@ pub fn run(
         frames_n,
         pipeline.threads()
     ));
-    let mut t: Vec<Vec<f64>> = (0..10).map(|_| Vec::with_capacity(frames_n)).collect();
+    let mut rows = Vec::with_capacity(frames_n);
     let (mut windows, mut res_sum, mut proj_sum, mut att_sum) = (0usize, 0.0f64, 0.0f64, 0.0f64);
     for i in 0..opts.warmup + frames_n {
         let (p, img) = &frames[i % frames.len()];
         let r = pipeline.inspect(img, p, &bank)?;
         if i >= opts.warmup {
             let tm = r.timings;
-            for (v, x) in t.iter_mut().zip([
+            rows.push([
                 tm.preprocess_ms,
                 tm.backbone_ms,
                 tm.residual_ms,
@@ -173,17 +198,14 @@ pub fn run(
                 tm.attention_ms,
                 tm.transfer_ms,
                 tm.residual_ms + tm.projector_ms + tm.score_ms,
-            ]) {
-                v.push(x);
-            }
+            ]);
             windows += tm.tiles;
             res_sum += tm.residual_ms;
             proj_sum += tm.projector_ms;
             att_sum += tm.attention_ms;
         }
     }
-    let [pre, bb, res, proj, score, total, tiles, att, transfer, kernels] =
-        [0, 1, 2, 3, 4, 5, 6, 7, 8, 9].map(|i| median(&mut t[i]));
+    let [pre, bb, res, proj, score, total, tiles, att, transfer, kernels] = medians(&rows);
     let d = &pipeline.description().desc;
     let (p, c) = (d.positions(), d.features.channels);
     let rows = bank.levels[0].rows();
@@ -273,6 +295,9 @@ pub struct BankBenchReport {
     pub score_ms: f64,
     /// Whole frame.
     pub total_ms: f64,
+    /// This process's peak resident memory after the run, MB (`None` where the kernel does not
+    /// say): model, bank and frames together.
+    pub peak_rss_mb: Option<f64>,
 }
 
 /// Time `inspector` (a calibrated bank: any selection, the scored levels only) on the images of
@@ -293,22 +318,19 @@ pub fn run_bank(
             images.display()
         )));
     }
-    let imgs: Vec<(PathBuf, Rgb8)> = files
-        .iter()
-        .map(|p| Ok((p.clone(), Rgb8::open(p)?)))
-        .collect::<Result<_>>()?;
+    let imgs = load_frames(&files)?;
     let frames_n = frames.max(20);
     progress(&format!(
         "{warmup} warm-up + {frames_n} timed frames on {} threads",
         inspector.pipeline().threads()
     ));
-    let mut t: Vec<Vec<f64>> = (0..8).map(|_| Vec::with_capacity(frames_n)).collect();
+    let mut rows = Vec::with_capacity(frames_n);
     for i in 0..warmup + frames_n {
         let (p, img) = &imgs[i % imgs.len()];
         let (insp, _) = inspector.inspect(img, p)?;
         if i >= warmup {
             let tm = insp.timings;
-            for (v, x) in t.iter_mut().zip([
+            rows.push([
                 tm.tiles as f64,
                 tm.preprocess_ms,
                 tm.backbone_ms,
@@ -317,13 +339,10 @@ pub fn run_bank(
                 tm.projector_ms,
                 tm.score_ms,
                 tm.total_ms,
-            ]) {
-                v.push(x);
-            }
+            ]);
         }
     }
-    let [tiles, pre, bb, align, res, proj, score, total] =
-        [0, 1, 2, 3, 4, 5, 6, 7].map(|i| median(&mut t[i]));
+    let [tiles, pre, bb, align, res, proj, score, total] = medians(&rows);
     let h = inspector.header();
     Ok(BankBenchReport {
         threads: inspector.pipeline().threads(),
@@ -341,5 +360,6 @@ pub fn run_bank(
         projector_ms: proj,
         score_ms: score,
         total_ms: total,
+        peak_rss_mb: peak_rss_bytes().map(|b| b as f64 / 1e6),
     })
 }

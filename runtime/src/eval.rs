@@ -17,7 +17,8 @@ use crate::aligned::{self, cell_features};
 use crate::error::{Error, Result};
 use crate::images::list_images;
 use crate::inspector::{
-    choose_levels, pool_scores, pool_threshold, FeatureSet, LevelChoice, Scorer,
+    check_aligned_dtype, choose_levels, pool_scores, pool_threshold, FeatureSet, LevelChoice,
+    Scorer,
 };
 use crate::model::{check_levels, Fit};
 use crate::pipeline::{FrameFeatures, Pipeline, PipelineOptions};
@@ -139,12 +140,6 @@ fn load_test_set(data: &Path) -> Result<(Vec<PathBuf>, Vec<TestImage>)> {
             test.display()
         )));
     }
-    if list_images(&test.join("good"))?.is_empty() {
-        return Err(Error::Invalid(format!(
-            "{}: no good test images (the false rejects and every AUROC need some)",
-            test.join("good").display()
-        )));
-    }
     if types.len() < 2 {
         return Err(Error::Invalid(format!(
             "{}: no defect type folder beside good/",
@@ -196,6 +191,12 @@ fn load_test_set(data: &Path) -> Result<(Vec<PathBuf>, Vec<TestImage>)> {
                 mask,
             });
         }
+    }
+    if !out.iter().any(|t| t.kind.is_none()) {
+        return Err(Error::Invalid(format!(
+            "{}: no good test images (the false rejects and every AUROC need some)",
+            test.join("good").display()
+        )));
     }
     Ok((paths, out))
 }
@@ -256,11 +257,8 @@ pub fn evaluate(
     if eo.refs == 0 {
         return Err(Error::Invalid("--refs 0: a bank needs references".into()));
     }
-    // As calibrate: an aligned pool is kept in f16.
-    if eo.bank_dtype != BankDtype::F16 && eo.selections.contains(&Selection::Aligned) {
-        return Err(Error::Invalid(
-            "--select aligned keeps the whole pool in f16 (as calibrate does): drop --bank-dtype f32, or evaluate kmeans, first or random".into(),
-        ));
+    if eo.selections.contains(&Selection::Aligned) {
+        check_aligned_dtype(eo.bank_dtype)?;
     }
     let (test_paths, test) = load_test_set(&eo.data)?;
     let mut rows = Vec::new();

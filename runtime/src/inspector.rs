@@ -418,13 +418,10 @@ pub(crate) fn pool_threshold(
         Some(r) => (r, None),
         None => ThresholdRule::default_for(normal.len()),
     };
-    if !defects.is_empty() && held_out_only {
+    if let (false, ThresholdRule::Conformal { reject_rate }) = (defects.is_empty(), rule) {
         note = Some(format!(
             "with known-bad parts the threshold is placed between the classes, not by the {} budget; the false-reject rate stated is the conformal bound at the placed threshold over the {} held-out good scores",
-            edge_ad_calibration::threshold::fmt_rate(match rule {
-                ThresholdRule::Conformal { reject_rate } => reject_rate,
-                _ => f64::NAN,
-            }),
+            fmt_rate(reject_rate),
             normal.len()
         ));
     }
@@ -556,6 +553,17 @@ pub fn choose_levels(
     Ok((best.levels.iter().map(|l| l - 1).collect(), why, candidates))
 }
 
+/// Aligned references keep the whole pool, in f16 (the bank file's aligned section and the
+/// per-frame banks): an f32 bank cannot be aligned. One refusal for calibrate and eval.
+pub(crate) fn check_aligned_dtype(dtype: BankDtype) -> Result<()> {
+    if dtype == BankDtype::F16 {
+        return Ok(());
+    }
+    Err(Error::Invalid(
+        "--select aligned keeps the whole pool in the bank file in f16: drop --bank-dtype f32, or choose kmeans, first or random references".into(),
+    ))
+}
+
 /// The memory aligned references may take by default: the whole pool's scored features stay in
 /// the bank (f16) and in memory at inspection. 256 MiB is a small share of a Jetson's 8–64 GB
 /// and holds ≈ 300 magnetic-tile images (2.15 DINOv2-S tiles each, 2 levels: 0.9 MB an image).
@@ -664,13 +672,11 @@ pub fn calibrate(
     // An asked-for budget's pool check, before the long work. Held out: the whole pool (chosen
     // references are redrawn, aligned ones are chosen without the image), or the pool minus the
     // references of a --refs-list.
+    if let Some(rule) = opts.rule {
+        rule.validate().map_err(Error::Invalid)?;
+    }
     if let Some(ThresholdRule::Conformal { reject_rate }) = opts.rule {
         let p = fmt_rate(reject_rate);
-        if !(reject_rate > 0.0 && reject_rate < 0.5) {
-            return Err(Error::Invalid(format!(
-                "false-reject budget {p} (--reject-rate, --rule conformal:P): must be in (0, 0.5)"
-            )));
-        }
         let listed_refs = if explicit.is_some() { k } else { 0 };
         let held_out = paths.len() - listed_refs;
         let need = conformal_min_scores(reject_rate);
@@ -688,11 +694,8 @@ pub fn calibrate(
             )));
         }
     }
-    if opts.select == Some(Selection::Aligned) && opts.bank_dtype != BankDtype::F16 {
-        return Err(Error::Invalid(
-            "--select aligned keeps the whole pool in the bank file in f16: drop --bank-dtype f32"
-                .into(),
-        ));
+    if opts.select == Some(Selection::Aligned) {
+        check_aligned_dtype(opts.bank_dtype)?;
     }
     let pool = FeatureSet::extract(pipeline, paths, |i, n| progress("features", i, n))?;
     if explicit.is_none() {
