@@ -127,6 +127,12 @@ enum Command {
     ExampleConfig(ExampleConfigArgs),
     /// List the V4L2 capture devices with their pixel formats, sizes and frame rates.
     Cameras,
+    /// List the NG archive of a line (`[archive] dir`): newest first, one part a line (time,
+    /// tag, product, verdict, score against threshold, the entry's folder).
+    ///
+    /// Each entry holds the frame (frame.jpg), the heatmap drawn over it (heatmap.jpg) and the
+    /// record (record.json: tag, product, time, score, threshold, verdict, cause, timings).
+    Archive(ArchiveArgs),
     /// Time the pipeline per stage on real images and compare the kernels with this machine's SGEMM.
     ///
     /// The first --refs images of --images (sorted) build the bank; the others are cycled as
@@ -340,6 +346,25 @@ struct ExampleConfigArgs {
     board: String,
 }
 
+/// Arguments of `edge-ad archive`.
+#[derive(Args, Debug)]
+struct ArchiveArgs {
+    /// The archive folder (`[archive] dir` of the line config).
+    dir: PathBuf,
+    /// Only parts with this verdict: OK | NG | ERR.
+    #[arg(long)]
+    verdict: Option<String>,
+    /// Only parts of this product (its id or its name).
+    #[arg(long)]
+    product: Option<String>,
+    /// At most this many entries (the newest).
+    #[arg(long)]
+    limit: Option<usize>,
+    /// One JSON object per entry (its record plus `path`).
+    #[arg(long)]
+    json: bool,
+}
+
 /// Arguments of `edge-ad bench`.
 #[derive(Args, Debug)]
 struct BenchArgs {
@@ -528,6 +553,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::ExampleConfig(args) => cmd_example_config(args),
         Command::PinmuxCheck(args) => cmd_pinmux_check(args),
         Command::Run(args) => cmd_run(args),
+        Command::Archive(args) => cmd_archive(args),
         Command::Eval(args) => cmd_eval(args),
         Command::Bench(args) => cmd_bench(args),
     }
@@ -929,6 +955,71 @@ fn cmd_example_config(args: ExampleConfigArgs) -> Result<()> {
     let ExampleConfigArgs { board } = args;
     let profile = edge_ad_boards::profile(&board)?;
     print!("{}", edge_ad_line::config::example(&profile));
+    Ok(())
+}
+
+fn cmd_archive(args: ArchiveArgs) -> Result<()> {
+    let ArchiveArgs {
+        dir,
+        verdict,
+        product,
+        limit,
+        json,
+    } = args;
+    let verdict = verdict
+        .map(|v| match v.to_ascii_uppercase().as_str() {
+            w @ ("OK" | "NG" | "ERR") => Ok(w.to_string()),
+            _ => anyhow::bail!("--verdict {v}: expected OK, NG or ERR"),
+        })
+        .transpose()?;
+    if !dir.is_dir() {
+        anyhow::bail!("{}: no such archive folder", dir.display());
+    }
+    let (entries, bad) = edge_ad_line::archive::list(&dir)
+        .with_context(|| format!("cannot read the archive {}", dir.display()))?;
+    for (p, why) in &bad {
+        eprintln!(
+            "warning: {}: unreadable record ({why}); skipped",
+            p.display()
+        );
+    }
+    let chosen = entries
+        .iter()
+        .filter(|e| verdict.as_deref().is_none_or(|v| e.verdict() == v))
+        .filter(|e| {
+            product.as_deref().is_none_or(|p| {
+                let (id, name) = e.product();
+                p == name || p.parse::<u64>().is_ok_and(|n| n == id)
+            })
+        })
+        .take(limit.unwrap_or(usize::MAX));
+    let mut out = std::io::stdout().lock();
+    let mut n = 0;
+    for e in chosen {
+        n += 1;
+        let r = &e.record;
+        if json {
+            let mut v = r.clone();
+            v["path"] = serde_json::json!(e.path);
+            writeln!(out, "{v}")?;
+        } else {
+            let (id, name) = e.product();
+            let num = |k: &str| r[k].as_f64().map_or("-".to_string(), |x| format!("{x:.4}"));
+            writeln!(
+                out,
+                "{}  tag {:>6}  product {id} {name:<12} {:<3}  score {} / {}  {}",
+                r["time"].as_str().unwrap_or("?"),
+                r["tag"].as_u64().unwrap_or(0),
+                e.verdict(),
+                num("score"),
+                num("threshold"),
+                e.path.display()
+            )?;
+        }
+    }
+    if !json {
+        writeln!(out, "{n} of {} entries", entries.len())?;
+    }
     Ok(())
 }
 

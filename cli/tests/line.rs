@@ -979,3 +979,362 @@ fn a_vanished_serial_port_faults_the_line_and_is_reopened() {
     let _ = pty.kill();
     let _ = pty.wait();
 }
+
+/// A second bank over the demo model (3 references instead of 4: other bytes, other CRC).
+fn second_bank(dir: &Path) -> PathBuf {
+    let b = dir.join("other.eab");
+    ok(&[
+        "calibrate",
+        "--model",
+        s(&demo_model()),
+        "--refs",
+        "3",
+        "--images",
+        s(&root().join("demo/images/good")),
+        "--out",
+        s(&b),
+    ]);
+    b
+}
+
+/// A line config with two products (id 1 "plate": the demo bank; id 2 "lenient": another
+/// bank with a threshold no part reaches) and `extra` sections.
+fn two_product_config(dir: &Path, source: &Path, select: &str, extra: &str) -> PathBuf {
+    let (a, b) = (bank(dir), second_bank(dir));
+    let p = dir.join("line.toml");
+    let text = format!(
+        "[model]\nmodel = {:?}\nthreads = 2\n[source]\nkind = \"folder\"\npath = {:?}\n[log]\nresults = {:?}\n\
+         [products]\nselect = \"{select}\"\n\
+         [[product]]\nid = 1\nname = \"plate\"\nbank = {:?}\n\
+         [[product]]\nid = 2\nname = \"lenient\"\nbank = {:?}\nthreshold = 1000.0\n{extra}",
+        s(&demo_model()),
+        s(source),
+        s(&dir.join("results.jsonl")),
+        s(&a),
+        s(&b),
+    );
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+const PRODUCTS_TCP: &str = r#"
+import json, sys, time, zlib
+from pymodbus.client import ModbusTcpClient
+port, bank_a, bank_b = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+crc = lambda p: zlib.crc32(open(p, "rb").read())
+out = {"crc_a": crc(bank_a), "crc_b": crc(bank_b)}
+c = ModbusTcpClient("127.0.0.1", port=port, timeout=2); assert c.connect()
+def regs():
+    r = c.read_input_registers(0, count=40, device_id=1); assert not r.isError(), r
+    return r.registers
+def part():
+    seq0 = regs()[3]
+    assert not c.write_coil(0, True, device_id=1).isError()
+    for _ in range(500):
+        r = regs()
+        if r[3] != seq0: return r
+        time.sleep(0.01)
+    raise SystemExit("no result")
+def view(r):
+    return {"last_product": r[9], "verdict": r[6], "ms": r[8], "active": r[33], "count": r[39],
+            "bank_crc": (r[26] << 16) | r[27]}
+out["start"] = view(regs())
+out["select_reads"] = c.read_holding_registers(101, count=1, device_id=1).registers[0]
+out["part1"] = view(part())
+t = time.perf_counter()
+w = c.write_register(101, 2, device_id=1)
+out["switch_ms"] = (time.perf_counter() - t) * 1e3
+out["switch_ok"] = not w.isError()
+out["after_switch"] = view(regs())
+out["select_reads_2"] = c.read_holding_registers(101, count=1, device_id=1).registers[0]
+out["part2"] = view(part())
+out["unknown"] = getattr(c.write_register(101, 5, device_id=1), "exception_code", None)
+out["after_unknown"] = view(regs())
+w = c.write_register(101, 1, device_id=1); out["back_ok"] = not w.isError()
+out["part3"] = view(part())
+# Switch between every part: the switch must not cost a frame (compare the part times).
+times = []
+for i in range(6):
+    assert not c.write_register(101, 1 + i % 2, device_id=1).isError()
+    times.append(part()[8])
+out["alternating_ms"] = times
+c.close()
+print(json.dumps(out))
+"#;
+
+/// Two products on loopback Modbus TCP: a write of 101 switches the product, the next part's
+/// LAST_PRODUCT, the verdict and BANK_CRC32 follow it, an unknown id is exception 03 and
+/// changes nothing; the NG archive holds exactly the NG parts, newest first.
+#[test]
+fn two_products_switch_over_modbus_and_archive_the_ng_parts() {
+    let Some(py) = venv_python() else { return };
+    let t = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let archive = t.path().join("archive");
+    let cfg = two_product_config(
+        t.path(),
+        &root().join("demo/images/test/scratch"),
+        "modbus",
+        &format!(
+            "[modbus_tcp]\nbind = \"127.0.0.1:{port}\"\n[archive]\ndir = {:?}\nkeep = \"ng\"\n",
+            s(&archive)
+        ),
+    );
+    let d = Daemon::start(&cfg);
+    wait_for("the Modbus port", || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    let v = run_py(
+        &py,
+        PRODUCTS_TCP,
+        &[
+            &port.to_string(),
+            s(&t.path().join("demo.eab")),
+            s(&t.path().join("other.eab")),
+        ],
+    );
+    println!("two products over Modbus TCP: {v}");
+    let (crc_a, crc_b) = (v["crc_a"].as_u64().unwrap(), v["crc_b"].as_u64().unwrap());
+    assert_ne!(crc_a, crc_b);
+    assert_eq!(v["start"]["active"], 1);
+    assert_eq!(v["start"]["count"], 2);
+    assert_eq!(v["start"]["bank_crc"], crc_a);
+    assert_eq!(v["select_reads"], 1);
+    // Product 1: the scratched part is NG.
+    assert_eq!(
+        (
+            v["part1"]["last_product"].as_u64(),
+            v["part1"]["verdict"].as_u64()
+        ),
+        (Some(1), Some(2)),
+        "{v}"
+    );
+    assert_eq!(v["switch_ok"], true);
+    assert_eq!(v["after_switch"]["active"], 2);
+    assert_eq!(v["after_switch"]["bank_crc"], crc_b);
+    assert_eq!(v["select_reads_2"], 2);
+    // Product 2 (threshold 1000): the same kind of part is OK.
+    assert_eq!(
+        (
+            v["part2"]["last_product"].as_u64(),
+            v["part2"]["verdict"].as_u64()
+        ),
+        (Some(2), Some(1)),
+        "{v}"
+    );
+    assert_eq!(v["unknown"], 3);
+    assert_eq!(v["after_unknown"]["active"], 2);
+    assert_eq!(v["after_unknown"]["bank_crc"], crc_b);
+    assert_eq!(v["back_ok"], true);
+    assert_eq!(
+        (
+            v["part3"]["last_product"].as_u64(),
+            v["part3"]["verdict"].as_u64()
+        ),
+        (Some(1), Some(2)),
+        "{v}"
+    );
+    let log = d.stop();
+    assert!(
+        log.contains("product 2 (lenient) active from tag 2"),
+        "{log}"
+    );
+    // The results log carries each part's product; the archive exactly the NG parts.
+    let r = results(t.path());
+    assert_eq!(r.len(), 9, "{r:?}");
+    let ng: Vec<u64> = r
+        .iter()
+        .filter(|x| x["outcome"] == "NG")
+        .map(|x| x["tag"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        r.iter()
+            .map(|x| x["product"].as_u64().unwrap())
+            .collect::<Vec<_>>(),
+        vec![1, 2, 1, 1, 2, 1, 2, 1, 2]
+    );
+    assert_eq!(ng, vec![1, 3, 4, 6, 8]);
+    let listed = ok(&["archive", s(&archive), "--json"]);
+    let entries: Vec<serde_json::Value> = listed
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let tags: Vec<u64> = entries.iter().map(|e| e["tag"].as_u64().unwrap()).collect();
+    assert_eq!(tags, vec![8, 6, 4, 3, 1], "newest first:\n{listed}");
+    for e in &entries {
+        assert_eq!(e["verdict"], "NG");
+        assert_eq!(e["product"]["id"], 1);
+        assert_eq!(e["product"]["name"], "plate");
+        assert!(e["score"].as_f64().unwrap() > e["threshold"].as_f64().unwrap());
+        let dir = PathBuf::from(e["path"].as_str().unwrap());
+        for f in ["frame.jpg", "heatmap.jpg", "record.json"] {
+            let m = std::fs::metadata(dir.join(f)).unwrap();
+            assert!(m.len() > 100, "{f}");
+        }
+        let img = image::open(dir.join("heatmap.jpg")).unwrap();
+        assert!(img.width() > 32 && img.height() > 32);
+    }
+    assert_eq!(
+        ok(&["archive", s(&archive), "--verdict", "ok"]).trim(),
+        "0 of 5 entries"
+    );
+    let text = ok(&["archive", s(&archive), "--product", "plate", "--limit", "2"]);
+    assert!(text.ends_with("2 of 5 entries\n"), "{text}");
+    assert!(
+        text.lines().next().unwrap().contains("tag      8"),
+        "{text}"
+    );
+    assert!(fails(&["archive", s(&archive), "--verdict", "maybe"]).contains("--verdict maybe"));
+    let switch = v["switch_ms"].as_f64().unwrap();
+    println!("MEASURED: PRODUCT_SELECT write round trip {switch:.2} ms; part times alternating products {:?} ms", v["alternating_ms"]);
+}
+
+const PRODUCTS_SERIAL: &str = r#"
+import json, sys, serial
+s = serial.Serial(sys.argv[1], 115200, timeout=3)
+def cmd(text):
+    s.write(text)
+    return s.readline().decode().strip()
+out = {}
+out["query"] = cmd(b"PRODUCT?\r\n")
+out["bad"] = cmd(b"PRODUCT two\r\n")
+out["unknown"] = cmd(b"PRODUCT 9\r\n")
+out["select"] = cmd(b"PRODUCT 2\r\n")
+out["query2"] = cmd(b"PRODUCT?\r\n")
+s.write(b"TRIG\n")
+out["result"] = s.readline().decode().strip()
+print(json.dumps(out))
+"#;
+
+/// The serial PRODUCT commands: query, select, a non-number and an unknown id refused; the
+/// part after the change is inspected as the new product. Modbus cannot select then
+/// (exception 02: products are selected over serial).
+#[test]
+fn serial_product_commands() {
+    let Some(py) = venv_python() else { return };
+    if !socat() {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let mut pty = pty_pair(t.path(), "serA", "serB");
+    let cfg = two_product_config(
+        t.path(),
+        &root().join("demo/images/test/scratch"),
+        "serial",
+        &format!("[serial]\nport = {:?}\n", s(&t.path().join("serA"))),
+    );
+    let d = Daemon::start(&cfg);
+    let ready = t.path().join("results.jsonl");
+    wait_for("the daemon", || ready.exists());
+    std::thread::sleep(Duration::from_millis(300));
+    let v = run_py(&py, PRODUCTS_SERIAL, &[s(&t.path().join("serB"))]);
+    println!("serial products: {v}");
+    assert_eq!(v["query"], "!PRODUCT,1,plate");
+    assert_eq!(v["bad"], "!ERR,BAD_PRODUCT_ID");
+    assert_eq!(v["unknown"], "!ERR,UNKNOWN_PRODUCT");
+    assert_eq!(v["select"], "!OK");
+    assert_eq!(v["query2"], "!PRODUCT,2,lenient");
+    assert!(v["result"].as_str().unwrap().starts_with("1,OK,"), "{v}");
+    d.stop();
+    let r = results(t.path());
+    assert_eq!(
+        (r[0]["product"].as_u64(), r[0]["outcome"].as_str()),
+        (Some(2), Some("OK"))
+    );
+    let _ = pty.kill();
+    let _ = pty.wait();
+}
+
+/// The archive keeps every part (`keep = "all"`) of a 60-part free run within a 1 MiB budget: the
+/// oldest entries go, the newest stay, and the folder never holds more than its budget.
+#[test]
+fn the_archive_stays_within_its_budget() {
+    let t = tempfile::tempdir().unwrap();
+    let b = bank(t.path());
+    let archive = t.path().join("archive");
+    let cfg = write_config(
+        t.path(),
+        &b,
+        &root().join("demo/images/test"),
+        &format!(
+            "[trigger]\nkind = \"free_run\"\nrate_hz = 20\ncount = 60\n[timing]\ndeadline_ms = 2000\nfifo = 8\n[archive]\ndir = {:?}\nkeep = \"all\"\nmax_mb = 1\n",
+            s(&archive)
+        ),
+    );
+    let mut d = Daemon::start(&cfg);
+    d.wait_ok();
+    let r = results(t.path());
+    assert_eq!(r.len(), 60);
+    let (mut size, mut n) = (0u64, 0);
+    for e in std::fs::read_dir(&archive).unwrap() {
+        let e = e.unwrap();
+        assert!(!e.file_name().to_string_lossy().starts_with(".tmp"));
+        n += 1;
+        for f in std::fs::read_dir(e.path()).unwrap() {
+            size += f.unwrap().metadata().unwrap().len();
+        }
+    }
+    assert!(size <= 1 << 20, "{size} bytes");
+    assert!(n > 3 && n < 60, "{n} entries of 60");
+    let listed = ok(&["archive", s(&archive), "--json", "--limit", "1"]);
+    let newest: serde_json::Value = serde_json::from_str(listed.trim()).unwrap();
+    assert_eq!(newest["tag"], 60, "{listed}");
+}
+
+/// A product whose bank was made with another model (here: the demo description with another
+/// smoothing, so another description hash) stops `run` before anything opens, naming the
+/// product and what differs; a select mode without its inputs is refused by name.
+#[test]
+fn a_product_bank_of_another_model_is_refused_by_name() {
+    let t = tempfile::tempdir().unwrap();
+    let a = bank(t.path());
+    let model = t.path().join("other-model.toml");
+    let text = std::fs::read_to_string(demo_model())
+        .unwrap()
+        .replace(
+            "onnx = \"efficientnet-lite0-ad.onnx\"",
+            &format!("onnx = {:?}", s(&demo().join("efficientnet-lite0-ad.onnx"))),
+        )
+        .replace("sigma = 4.0", "sigma = 3.0");
+    std::fs::write(&model, text).unwrap();
+    let b = t.path().join("other.eab");
+    ok(&[
+        "calibrate",
+        "--model",
+        s(&model),
+        "--refs",
+        "3",
+        "--images",
+        s(&root().join("demo/images/good")),
+        "--out",
+        s(&b),
+    ]);
+    let cfg = t.path().join("line.toml");
+    let write = |select: &str| {
+        std::fs::write(
+            &cfg,
+            format!(
+                "[model]\nmodel = {:?}\n[source]\nkind = \"folder\"\npath = {:?}\n[modbus_tcp]\nbind = \"127.0.0.1:0\"\n[products]\nselect = \"{select}\"\n\
+                 [[product]]\nid = 1\nname = \"plate\"\nbank = {:?}\n[[product]]\nid = 2\nname = \"other\"\nbank = {:?}\n",
+                s(&demo_model()),
+                s(&root().join("demo/images/test/good")),
+                s(&a),
+                s(&b)
+            ),
+        )
+        .unwrap()
+    };
+    write("modbus");
+    let err = fails(&["run", "--config", s(&cfg)]);
+    assert!(
+        err.contains("product[1] (id 2, other)") && err.contains("model description"),
+        "{err}"
+    );
+    assert!(err.contains("other.eab"), "{err}");
+    write("serial");
+    let err = fails(&["run", "--config", s(&cfg)]);
+    assert!(
+        err.contains("products.select = \"serial\": needs [serial]"),
+        "{err}"
+    );
+}

@@ -6,6 +6,7 @@
 //! it as [`Event`]s, so "resolved exactly once" needs no locking: a verdict for a tag that is no
 //! longer in the FIFO (its deadline won) is counted as late and dropped.
 
+use super::config::SelectKind;
 use super::status::{code, Counters, ErrCause, Health, LineState, Outcome, ResultRecord, Status};
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
@@ -18,13 +19,69 @@ pub type StageResult = Result<(f32, bool), ErrCause>;
 
 /// The inspection stage: frame + model for one tag. `Ok((score, ng))`, or why there is no verdict.
 pub trait Stage: Send {
-    /// Inspect the part of `tag`.
-    fn inspect(&mut self, tag: u32) -> StageResult;
+    /// Inspect the part of `tag` as product `product` (an index in [`Status::products`]: the
+    /// product in effect at the part's trigger, whatever was selected since).
+    fn inspect(&mut self, tag: u32, product: usize) -> StageResult;
     /// The self-test (line-side.md §6.2): a frame of the source scored by the model to a finite
-    /// number, through the same path as a part. `Err` carries the ERROR_CODE. Run at start and
-    /// after every FAULT_ACK, so a line never returns to Running on trust.
-    fn self_test(&mut self) -> Result<(), u16> {
-        self_test_outcome(self.inspect(0))
+    /// number, through the same path as a part, with the active product. `Err` carries the
+    /// ERROR_CODE. Run at start and after every FAULT_ACK, so a line never returns to Running
+    /// on trust.
+    fn self_test(&mut self, product: usize) -> Result<(), u16> {
+        self_test_outcome(self.inspect(0, product))
+    }
+}
+
+/// Reads the product code at a trigger (`products.select = "gpio"`): the code is a product id.
+pub type ProductInput = Box<dyn FnMut() -> std::io::Result<u16> + Send>;
+
+/// Why a product change was refused; each maps to a Modbus exception and a serial reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProductRefusal {
+    /// No configured product has this id (Modbus exception 03).
+    Unknown(u16),
+    /// The line is Faulted or draining (exception 04): a change-over waits for a line that
+    /// inspects.
+    NotNow(LineState),
+    /// Products are selected another way (`products.select`; exception 02).
+    OtherSelect(SelectKind),
+    /// The arbiter did not answer within a second (exception 04).
+    Busy,
+}
+
+impl ProductRefusal {
+    /// The Modbus exception code.
+    pub fn exception(self) -> u8 {
+        use super::modbus::{DEVICE_FAILURE, ILLEGAL_ADDRESS, ILLEGAL_VALUE};
+        match self {
+            ProductRefusal::Unknown(_) => ILLEGAL_VALUE,
+            ProductRefusal::NotNow(_) | ProductRefusal::Busy => DEVICE_FAILURE,
+            ProductRefusal::OtherSelect(_) => ILLEGAL_ADDRESS,
+        }
+    }
+    /// The reason word of the serial reply `!ERR,<reason>`.
+    pub fn word(self) -> &'static str {
+        match self {
+            ProductRefusal::Unknown(_) => "UNKNOWN_PRODUCT",
+            ProductRefusal::NotNow(LineState::Draining) => "DRAINING",
+            ProductRefusal::NotNow(_) => "FAULTED",
+            ProductRefusal::OtherSelect(SelectKind::Modbus) => "SELECT_IS_MODBUS",
+            ProductRefusal::OtherSelect(SelectKind::Serial) => "SELECT_IS_SERIAL",
+            ProductRefusal::OtherSelect(SelectKind::Gpio) => "SELECT_IS_GPIO",
+            ProductRefusal::Busy => "BUSY",
+        }
+    }
+}
+
+impl std::fmt::Display for ProductRefusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ProductRefusal::Unknown(id) => write!(f, "product {id} is not configured"),
+            ProductRefusal::NotNow(s) => write!(f, "the line is {s:?}"),
+            ProductRefusal::OtherSelect(k) => {
+                write!(f, "products are selected by {} (products.select)", k.word())
+            }
+            ProductRefusal::Busy => write!(f, "the line did not answer in time"),
+        }
     }
 }
 
@@ -45,8 +102,8 @@ pub fn self_test_outcome(r: StageResult) -> Result<(), u16> {
 /// Work for the stage's thread.
 #[derive(Debug, Clone, Copy)]
 enum Job {
-    Inspect(u32),
-    SelfTest,
+    Inspect(u32, usize),
+    SelfTest(usize),
 }
 
 /// Receives every resolved tag, in tag order, and state changes.
@@ -87,6 +144,8 @@ pub enum Event {
     /// An I/O fault found at start (GPIO, pinmux, a port that could not be opened): Faulted
     /// with this code until the process is restarted.
     IoFault(u16),
+    /// Make product `id` the active one, asked by `origin`; the answer goes back on the channel.
+    SelectProduct(u16, SelectKind, SyncSender<Result<(), ProductRefusal>>),
     /// SIGTERM: drain and stop.
     Shutdown,
 }
@@ -103,6 +162,8 @@ pub struct LineTiming {
     /// Consecutive ERR results of parts inspected while Running (deadline, overrun, capture,
     /// inference) that fault the line.
     pub fault_after: u32,
+    /// How products are selected (`products.select`); `None`: one product, or any origin.
+    pub select: Option<SelectKind>,
 }
 
 /// Cloneable handle: how triggers, commands and shutdown reach the arbiter.
@@ -144,6 +205,17 @@ impl LineHandle {
     pub fn port_lost(&self, code: Option<u16>) {
         let _ = self.tx.send(Event::PortLost(code));
     }
+    /// Make product `id` active for every later trigger, asked by `origin` (Modbus PRODUCT_SELECT
+    /// or the serial PRODUCT command). Returns once the arbiter has switched (parts already
+    /// triggered keep their product) or refused.
+    pub fn select_product(&self, id: u16, origin: SelectKind) -> Result<(), ProductRefusal> {
+        let (tx, rx) = mpsc::sync_channel(1);
+        if self.tx.send(Event::SelectProduct(id, origin, tx)).is_err() {
+            return Err(ProductRefusal::NotNow(LineState::Draining));
+        }
+        rx.recv_timeout(Duration::from_secs(1))
+            .unwrap_or(Err(ProductRefusal::Busy))
+    }
     /// Start draining.
     pub fn shutdown(&self) {
         let _ = self.tx.send(Event::Shutdown);
@@ -165,6 +237,8 @@ impl LineHandle {
 struct Entry {
     tag: u32,
     t0: Instant,
+    /// The product id in effect at the trigger (0: none, an unknown GPIO code).
+    product: u16,
     result: Option<(Outcome, f32, Option<ErrCause>)>,
 }
 
@@ -176,16 +250,18 @@ pub fn start(
     sinks: Vec<Box<dyn Sink>>,
     status: Status,
 ) -> (LineHandle, std::thread::JoinHandle<Counters>) {
-    start_with_health(timing, stage, sinks, status, Arc::default())
+    start_with_health(timing, stage, sinks, status, Arc::default(), None)
 }
 
-/// [`start`] with the [`Health`] that sinks made before the line already count into.
+/// [`start`] with the [`Health`] that sinks made before the line already count into, and the
+/// product code input of `products.select = "gpio"`.
 pub fn start_with_health(
     timing: LineTiming,
     stage: Box<dyn Stage>,
     sinks: Vec<Box<dyn Sink>>,
     status: Status,
     health: Arc<Health>,
+    product_input: Option<ProductInput>,
 ) -> (LineHandle, std::thread::JoinHandle<Counters>) {
     let (tx, rx) = mpsc::channel();
     let status = Arc::new(Mutex::new(status));
@@ -205,14 +281,24 @@ pub fn start_with_health(
     let arbiter_health = handle.health.clone();
     let join = std::thread::Builder::new()
         .name("edge-ad-arbiter".into())
-        .spawn(move || arbiter(timing, rx, job_tx, sinks, status, &arbiter_health))
+        .spawn(move || {
+            arbiter(
+                timing,
+                rx,
+                job_tx,
+                sinks,
+                status,
+                &arbiter_health,
+                product_input,
+            )
+        })
         .expect("spawn the arbiter thread");
     (handle, join)
 }
 
 fn worker(mut stage: Box<dyn Stage>, jobs: Receiver<Job>, tx: Sender<Event>, health: &Health) {
     while let Ok(job) = jobs.recv() {
-        if let Job::Inspect(tag) = job {
+        if let Job::Inspect(tag, _) = job {
             // Resolved already (its deadline won while it waited): no frame spent on it, so a
             // self-test queued behind stale jobs runs at once.
             let through = health.resolved_through.load(Ordering::SeqCst);
@@ -224,13 +310,15 @@ fn worker(mut stage: Box<dyn Stage>, jobs: Receiver<Job>, tx: Sender<Event>, hea
         // A panicking stage must not take the line down silently: its tag ends as ERR and the
         // next tags still run.
         let ev = match job {
-            Job::Inspect(tag) => Event::Verdict(
+            Job::Inspect(tag, product) => Event::Verdict(
                 tag,
-                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| stage.inspect(tag)))
-                    .unwrap_or(Err(ErrCause::Inference)),
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    stage.inspect(tag, product)
+                }))
+                .unwrap_or(Err(ErrCause::Inference)),
             ),
-            Job::SelfTest => Event::SelfTest(
-                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| stage.self_test()))
+            Job::SelfTest(product) => Event::SelfTest(
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| stage.self_test(product)))
                     .unwrap_or(Err(code::SELF_TEST)),
             ),
         };
@@ -255,6 +343,7 @@ fn arbiter(
     mut sinks: Vec<Box<dyn Sink>>,
     status: Arc<Mutex<Status>>,
     health: &Health,
+    mut product_input: Option<ProductInput>,
 ) -> Counters {
     let start = Instant::now();
     let mut st = status.lock().map(|s| s.clone()).unwrap_or_default();
@@ -300,9 +389,36 @@ fn arbiter(
                 };
                 st.counters.triggers = st.counters.triggers.wrapping_add(1);
                 let unresolved = pending.len();
+                // The product in effect at this trigger: the selected one, or the code on the
+                // product inputs now (gpio).
+                let product = match product_input.as_mut().map(|read| read()) {
+                    None => Ok(st.active),
+                    Some(Ok(code)) => st.product_index(code).ok_or(ErrCause::UnknownProduct),
+                    Some(Err(e)) => {
+                        log::warn!("tag {tag}: product inputs: {e}");
+                        Err(ErrCause::ProductInput)
+                    }
+                };
+                let product_id = product.map_or(0, |i| st.products[i].id);
+                if let Ok(i) = product {
+                    if product_input.is_some() && i != st.active {
+                        log::info!(
+                            "product {} ({}) active",
+                            st.products[i].id,
+                            st.products[i].name
+                        );
+                        st.active = i;
+                    }
+                }
                 let result = if st.state != LineState::Running {
                     Some((Outcome::Err, f32::NAN, Some(ErrCause::NotRunning)))
-                } else if unresolved >= timing.fifo || jobs.try_send(Job::Inspect(tag)).is_err() {
+                } else if let Err(cause) = product {
+                    Some((Outcome::Err, f32::NAN, Some(cause)))
+                } else if unresolved >= timing.fifo
+                    || jobs
+                        .try_send(Job::Inspect(tag, product.unwrap_or(st.active)))
+                        .is_err()
+                {
                     st.counters.overruns = st.counters.overruns.wrapping_add(1);
                     st.overrun_latched = true;
                     Some((Outcome::Err, f32::NAN, Some(ErrCause::Overrun)))
@@ -312,7 +428,12 @@ fn arbiter(
                 };
                 // Tags in the FIFO are consecutive: a restart at 1 after u32::MAX empties it
                 // first (at 30 parts/s that is 4.5 years; the FIFO is never that old).
-                fifo.push_back(Entry { tag, t0, result });
+                fifo.push_back(Entry {
+                    tag,
+                    t0,
+                    product: product_id,
+                    result,
+                });
             }
             Ok(Event::Verdict(tag, r)) => {
                 let slot = index_of(&fifo, tag).filter(|&i| fifo[i].result.is_none());
@@ -351,7 +472,7 @@ fn arbiter(
                         );
                     } else if st.state == LineState::Faulted {
                         consecutive_errors = 0;
-                        if jobs.try_send(Job::SelfTest).is_ok() {
+                        if jobs.try_send(Job::SelfTest(st.active)).is_ok() {
                             st.state = LineState::SelfTest;
                         } else {
                             log::warn!(
@@ -376,7 +497,7 @@ fn arbiter(
             Ok(Event::RequestSelfTest) => {
                 if matches!(st.state, LineState::Booting | LineState::SelfTest) {
                     st.state = LineState::SelfTest;
-                    if jobs.try_send(Job::SelfTest).is_err() {
+                    if jobs.try_send(Job::SelfTest(st.active)).is_err() {
                         st.state = LineState::Faulted;
                         st.error_code = code::SELF_TEST;
                     }
@@ -427,6 +548,39 @@ fn arbiter(
                     }
                 }
             }
+            Ok(Event::SelectProduct(id, origin, reply)) => {
+                let r = if timing.select.is_some_and(|k| k != origin) {
+                    Err(ProductRefusal::OtherSelect(timing.select.unwrap_or(origin)))
+                } else if matches!(st.state, LineState::Faulted | LineState::Draining) {
+                    Err(ProductRefusal::NotNow(st.state))
+                } else {
+                    st.product_index(id).ok_or(ProductRefusal::Unknown(id))
+                };
+                match r {
+                    Ok(i) => {
+                        if i != st.active {
+                            log::info!(
+                                "product {} ({}) active from tag {} on (was {})",
+                                id,
+                                st.products[i].name,
+                                next_tag,
+                                st.active_product().id
+                            );
+                        }
+                        st.active = i;
+                        // Published before the answer: a master that reads right after its
+                        // write sees the new product.
+                        if let Ok(mut shared) = status.lock() {
+                            shared.active = i;
+                        }
+                        let _ = reply.send(Ok(()));
+                    }
+                    Err(e) => {
+                        log::warn!("product {id} refused ({}): {e}", origin.word());
+                        let _ = reply.send(Err(e));
+                    }
+                }
+            }
             Ok(Event::Shutdown) => st.state = LineState::Draining,
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => st.state = LineState::Draining,
@@ -453,6 +607,7 @@ fn arbiter(
                 score,
                 ms: ms_since(e.t0, now),
                 cause,
+                product: e.product,
             };
             st.record(&rec);
             // Sustained ERR (line-side.md §6.1): `fault_after` parts in a row that were to be
@@ -509,7 +664,7 @@ mod tests {
         fail_tags: Vec<u32>,
     }
     impl Stage for Fake {
-        fn inspect(&mut self, tag: u32) -> StageResult {
+        fn inspect(&mut self, tag: u32, _product: usize) -> StageResult {
             if self.stall_tags.contains(&tag) {
                 std::thread::sleep(Duration::from_millis(600));
             }
@@ -557,6 +712,7 @@ mod tests {
         fifo: 4,
         auto_online: true,
         fault_after: 3,
+        select: None,
     };
 
     #[test]
@@ -652,6 +808,150 @@ mod tests {
 }
 
 #[cfg(test)]
+mod product_tests {
+    use super::*;
+    use crate::status::ProductInfo;
+
+    /// Records the product index of each inspected tag; slow, so parts are in flight while
+    /// the product changes.
+    struct Recording(Arc<Mutex<Vec<(u32, usize)>>>);
+    impl Stage for Recording {
+        fn inspect(&mut self, tag: u32, product: usize) -> StageResult {
+            std::thread::sleep(Duration::from_millis(30));
+            self.0.lock().unwrap().push((tag, product));
+            Ok((0.5, false))
+        }
+    }
+
+    fn two_products() -> Status {
+        Status {
+            products: Arc::from(vec![
+                ProductInfo {
+                    id: 3,
+                    name: "a".into(),
+                    bank_crc: 0xAAAA,
+                },
+                ProductInfo {
+                    id: 7,
+                    name: "b".into(),
+                    bank_crc: 0xBBBB,
+                },
+            ]),
+            ..Default::default()
+        }
+    }
+
+    const T: LineTiming = LineTiming {
+        deadline: Duration::from_millis(2000),
+        fifo: 8,
+        auto_online: true,
+        fault_after: 3,
+        select: Some(SelectKind::Modbus),
+    };
+
+    /// A part keeps the product of its trigger although the product changes while it waits in
+    /// the FIFO; unknown ids, the wrong origin and a Faulted line are refused and change nothing.
+    #[test]
+    fn parts_in_flight_keep_the_product_of_their_trigger() {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let out = Arc::new(Mutex::new(Vec::new()));
+        let (h, join) = start(
+            T,
+            Box::new(Recording(seen.clone())),
+            vec![Box::new(Collect(out.clone()))],
+            two_products(),
+        );
+        h.self_test(Ok(()));
+        std::thread::sleep(Duration::from_millis(20));
+        h.trigger();
+        h.trigger();
+        assert_eq!(h.select_product(7, SelectKind::Modbus), Ok(()));
+        h.trigger();
+        assert_eq!(
+            h.select_product(9, SelectKind::Modbus),
+            Err(ProductRefusal::Unknown(9))
+        );
+        assert_eq!(
+            h.select_product(3, SelectKind::Serial),
+            Err(ProductRefusal::OtherSelect(SelectKind::Modbus))
+        );
+        let s = h.status();
+        assert_eq!(s.active_product().id, 7);
+        assert_eq!(s.registers().register(27, false), Some(0xBBBB));
+        h.io_fault(code::GPIO);
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(
+            h.select_product(3, SelectKind::Modbus),
+            Err(ProductRefusal::NotNow(LineState::Faulted))
+        );
+        assert_eq!(ProductRefusal::NotNow(LineState::Faulted).exception(), 4);
+        assert_eq!(ProductRefusal::Unknown(9).exception(), 3);
+        h.shutdown();
+        join.join().unwrap();
+        assert_eq!(*seen.lock().unwrap(), vec![(1, 0), (2, 0), (3, 1)]);
+        let v = out.lock().unwrap().clone();
+        assert_eq!(
+            v.iter().map(|r| (r.tag, r.product)).collect::<Vec<_>>(),
+            vec![(1, 3), (2, 3), (3, 7)]
+        );
+    }
+
+    /// GPIO select: the code read at each trigger picks the product; a code that is no
+    /// product, or inputs that cannot be read, make that part ERR with its own cause.
+    #[test]
+    fn gpio_codes_pick_the_product_at_each_trigger() {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let out = Arc::new(Mutex::new(Vec::new()));
+        let codes = Arc::new(Mutex::new(vec![Ok(7), Ok(5), Err(()), Ok(3)]));
+        let c = codes.clone();
+        let input: ProductInput = Box::new(move || {
+            c.lock()
+                .unwrap()
+                .remove(0)
+                .map_err(|_| std::io::Error::other("line gone"))
+        });
+        let (h, join) = start_with_health(
+            LineTiming {
+                select: Some(SelectKind::Gpio),
+                ..T
+            },
+            Box::new(Recording(seen.clone())),
+            vec![Box::new(Collect(out.clone()))],
+            two_products(),
+            Arc::default(),
+            Some(input),
+        );
+        h.self_test(Ok(()));
+        std::thread::sleep(Duration::from_millis(20));
+        for _ in 0..4 {
+            h.trigger();
+            std::thread::sleep(Duration::from_millis(40));
+        }
+        h.shutdown();
+        join.join().unwrap();
+        let v = out.lock().unwrap().clone();
+        let got: Vec<_> = v.iter().map(|r| (r.tag, r.product, r.cause)).collect();
+        assert_eq!(
+            got,
+            vec![
+                (1, 7, None),
+                (2, 0, Some(ErrCause::UnknownProduct)),
+                (3, 0, Some(ErrCause::ProductInput)),
+                (4, 3, None),
+            ]
+        );
+        assert_eq!(*seen.lock().unwrap(), vec![(1, 1), (4, 0)]);
+    }
+
+    struct Collect(Arc<Mutex<Vec<ResultRecord>>>);
+    impl Sink for Collect {
+        fn emit(&mut self, r: &ResultRecord) {
+            self.0.lock().unwrap().push(*r);
+        }
+    }
+}
+
+#[cfg(test)]
 mod fault_tests {
     use super::*;
 
@@ -662,11 +962,11 @@ mod fault_tests {
         self_test_ok: Arc<Mutex<bool>>,
     }
     impl Stage for Slow {
-        fn inspect(&mut self, _tag: u32) -> StageResult {
+        fn inspect(&mut self, _tag: u32, _product: usize) -> StageResult {
             std::thread::sleep(self.delay);
             Ok((0.1, false))
         }
-        fn self_test(&mut self) -> Result<(), u16> {
+        fn self_test(&mut self, _product: usize) -> Result<(), u16> {
             let ok = *self.self_test_ok.lock().unwrap();
             self.self_tests.lock().unwrap().push(ok);
             if ok {
@@ -705,6 +1005,7 @@ mod fault_tests {
             fifo: 8,
             auto_online: true,
             fault_after: 3,
+            select: None,
         };
         let (h, join) = start(timing, Box::new(stage), vec![], Status::default());
         h.request_self_test();
@@ -797,5 +1098,6 @@ mod fault_tests {
         fifo: 4,
         auto_online: true,
         fault_after: 3,
+        select: None,
     };
 }

@@ -5,8 +5,8 @@
 
 use super::arbiter::{Stage, StageResult};
 use super::pixels::{to_rgb, PixelFormat, RawFrame};
+use super::products::Judge;
 use super::status::ErrCause;
-use edge_ad::inspector::{Inspector, Verdict};
 use edge_ad::preprocess::Rgb8;
 use std::collections::BTreeMap;
 use std::io;
@@ -348,20 +348,20 @@ fn start_capture(cfg: CameraConfig) -> Shared {
 /// The inspection stage on a camera: the first frame dequeued after the stage is asked (so never a
 /// frame older than the trigger), within three frame periods; else a capture error.
 pub struct CameraStage {
-    inspector: Inspector,
+    judge: Judge,
     shared: Shared,
     wait: Duration,
     path: PathBuf,
 }
 
 impl CameraStage {
-    /// Open the camera (capture starts at once) for `inspector`.
-    pub fn start(cfg: CameraConfig, inspector: Inspector) -> Self {
+    /// Open the camera (capture starts at once) for `judge`.
+    pub fn start(cfg: CameraConfig, judge: Judge) -> Self {
         let wait =
             Duration::from_secs_f64(3.0 / cfg.fps.max(1) as f64).max(Duration::from_millis(200));
         let path = cfg.path.clone();
         Self {
-            inspector,
+            judge,
             shared: start_capture(cfg),
             wait,
             path,
@@ -395,22 +395,18 @@ impl CameraStage {
 }
 
 impl Stage for CameraStage {
-    fn inspect(&mut self, tag: u32) -> StageResult {
+    fn inspect(&mut self, tag: u32, product: usize) -> StageResult {
         let img = self.next_frame().map_err(|e| {
             log::warn!("tag {tag}: capture: {e}");
             ErrCause::Capture
         })?;
         let path: &Path = &self.path;
-        let (insp, v) = self.inspector.inspect(&img, path).map_err(|e| {
-            log::warn!("tag {tag}: inference: {e}");
-            ErrCause::Inference
-        })?;
-        Ok((insp.score, v == Verdict::Ng))
+        self.judge.judge(tag, product, &img, path)
     }
 
     /// The self-test scores a live frame (it used to only wait for one): up to 5 s for the
     /// camera to stream, then the frame through the model to a finite score.
-    fn self_test(&mut self) -> Result<(), u16> {
+    fn self_test(&mut self, product: usize) -> Result<(), u16> {
         let deadline = Instant::now() + Duration::from_secs(5);
         let img = loop {
             match self.next_frame() {
@@ -423,17 +419,8 @@ impl Stage for CameraStage {
             }
         };
         let path: &Path = &self.path;
-        match self.inspector.inspect(&img, path) {
-            Ok((insp, _)) if insp.score.is_finite() => Ok(()),
-            Ok((insp, _)) => {
-                log::error!("self-test: score {} is not finite", insp.score);
-                Err(crate::status::code::SELF_TEST)
-            }
-            Err(e) => {
-                log::error!("self-test: inference: {e}");
-                Err(crate::status::code::SELF_TEST)
-            }
-        }
+        let r = self.judge.judge(0, product, &img, path);
+        super::arbiter::self_test_outcome(r)
     }
 }
 

@@ -66,7 +66,107 @@ pub struct LineConfig {
     /// Logging.
     #[serde(default)]
     pub log: LogSection,
+    /// Several products: how the active one is chosen (docs/line.md, "Products").
+    #[serde(default)]
+    pub products: Option<ProductsSection>,
+    /// `[[product]]` entries: id, name, bank (instead of `model.bank`).
+    #[serde(default, rename = "product")]
+    pub product: Vec<ProductSection>,
+    /// The NG archive: frames, heatmaps and records of kept parts.
+    #[serde(default)]
+    pub archive: Option<ArchiveSection>,
 }
+
+/// How the active product is chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SelectKind {
+    /// Holding register 101 PRODUCT_SELECT (Modbus TCP or RTU).
+    Modbus,
+    /// The serial command `PRODUCT <id>`.
+    Serial,
+    /// A binary code on `products.gpio_lines`, read at each trigger.
+    Gpio,
+}
+
+impl SelectKind {
+    /// The word in configs and messages.
+    pub fn word(self) -> &'static str {
+        match self {
+            SelectKind::Modbus => "modbus",
+            SelectKind::Serial => "serial",
+            SelectKind::Gpio => "gpio",
+        }
+    }
+}
+
+/// `[products]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProductsSection {
+    /// modbus | serial | gpio.
+    pub select: SelectKind,
+    /// The product active at start (default: the first `[[product]]`).
+    #[serde(default)]
+    pub initial: Option<u16>,
+    /// `select = "gpio"`: input pins of the product code, least significant bit first (1–10
+    /// pins; the code is the product id, active high).
+    #[serde(default)]
+    pub gpio_lines: Vec<super::gpio::PinSpec>,
+}
+
+/// One `[[product]]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProductSection {
+    /// 1–999: what the PLC writes to select it.
+    pub id: u16,
+    /// Shown in replies and records: 1–32 characters of letters, digits, `-`, `_`, `.`.
+    pub name: String,
+    /// Bank file from `edge-ad calibrate`, made with `model.model`.
+    pub bank: PathBuf,
+    /// Threshold for this product instead of the bank's (scores above are NG).
+    #[serde(default)]
+    pub threshold: Option<f64>,
+}
+
+/// What the archive keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ArchiveKeep {
+    /// Parts the model called NG.
+    Ng,
+    /// Every rejected part: NG and ERR (an ERR part has a frame only when one was taken).
+    Rejected,
+    /// Every part.
+    All,
+    /// Nothing (the section stays, the archive is off).
+    None,
+}
+
+/// `[archive]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ArchiveSection {
+    /// Folder of the archive (created when missing).
+    pub dir: PathBuf,
+    /// ng | rejected | all | none.
+    #[serde(default = "default_keep")]
+    pub keep: ArchiveKeep,
+    /// Size budget in MiB (1–1000000): the oldest entries go first when it is reached.
+    #[serde(default = "default_archive_mb")]
+    pub max_mb: u64,
+}
+
+fn default_keep() -> ArchiveKeep {
+    ArchiveKeep::Ng
+}
+fn default_archive_mb() -> u64 {
+    1024
+}
+
+/// The largest product id (PRODUCT_SELECT), as smart cameras number jobs 1–999.
+pub const MAX_PRODUCT_ID: u16 = 999;
 
 /// `[model]`.
 #[derive(Debug, Clone, Deserialize)]
@@ -74,8 +174,10 @@ pub struct LineConfig {
 pub struct ModelSection {
     /// Model description.
     pub model: PathBuf,
-    /// Bank file from `edge-ad calibrate`.
-    pub bank: PathBuf,
+    /// Bank file from `edge-ad calibrate` (one product); with several products each
+    /// `[[product]]` names its bank instead.
+    #[serde(default)]
+    pub bank: Option<PathBuf>,
     /// ONNX override.
     #[serde(default)]
     pub onnx: Option<PathBuf>,
@@ -448,7 +550,15 @@ impl LineConfig {
             }
         };
         fix(&mut c.model.model);
-        fix(&mut c.model.bank);
+        if let Some(p) = c.model.bank.as_mut() {
+            fix(p)
+        }
+        for p in c.product.iter_mut() {
+            fix(&mut p.bank)
+        }
+        if let Some(a) = c.archive.as_mut() {
+            fix(&mut a.dir)
+        }
         if let Some(p) = c.model.onnx.as_mut() {
             fix(p)
         }
@@ -579,10 +689,117 @@ impl LineConfig {
                 ));
             }
         }
+        self.validate_products()?;
+        if let Some(a) = &self.archive {
+            in_range("archive.max_mb", a.max_mb, 1, 1_000_000)?;
+        }
         let l = &self.log;
         in_range("log.counters_every_s", l.counters_every_s, 0, 86_400)?;
         in_range("log.results_max_mb", l.results_max_mb, 1, 100_000)?;
         in_range("log.results_keep", l.results_keep as u64, 1, 100)?;
+        Ok(())
+    }
+}
+
+impl LineConfig {
+    /// The products the line inspects, in config order: the `[[product]]` entries, or one
+    /// product (id 1, named after the bank file) for `model.bank`.
+    pub fn product_list(&self) -> Vec<ProductSection> {
+        match &self.model.bank {
+            Some(bank) if self.product.is_empty() => vec![ProductSection {
+                id: 1,
+                name: bank
+                    .file_stem()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| "default".into()),
+                bank: bank.clone(),
+                threshold: None,
+            }],
+            _ => self.product.clone(),
+        }
+    }
+
+    /// `[products]` and `[[product]]`: one bank source, ids 1–999 and names unique, a select
+    /// mode whose inputs are configured.
+    fn validate_products(&self) -> Result<(), String> {
+        match (&self.model.bank, self.product.is_empty()) {
+            (Some(_), false) => {
+                return Err("model.bank: set together with [[product]] entries; give each product its bank and drop model.bank".into())
+            }
+            (None, true) => {
+                return Err("model.bank: missing (or give [[product]] entries, each with its bank)".into())
+            }
+            _ => {}
+        }
+        let mut ids = std::collections::BTreeSet::new();
+        let mut names = std::collections::BTreeSet::new();
+        for (i, p) in self.product.iter().enumerate() {
+            let at = format!("product[{i}]");
+            if !(1..=MAX_PRODUCT_ID).contains(&p.id) {
+                return Err(format!("{at}.id: {} is outside 1–{MAX_PRODUCT_ID}", p.id));
+            }
+            if !ids.insert(p.id) {
+                return Err(format!("{at}.id: {} is used by an earlier product", p.id));
+            }
+            let name_ok = (1..=32).contains(&p.name.len())
+                && p.name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+            if !name_ok {
+                return Err(format!(
+                    "{at}.name: {:?} must be 1–32 letters, digits, '-', '_' or '.' (it is sent in serial replies)",
+                    p.name
+                ));
+            }
+            if !names.insert(p.name.as_str()) {
+                return Err(format!(
+                    "{at}.name: {:?} is used by an earlier product",
+                    p.name
+                ));
+            }
+            if let Some(t) = p.threshold {
+                if !(t.is_finite() && t > 0.0) {
+                    return Err(format!(
+                        "{at}.threshold: {t} must be a finite number above 0"
+                    ));
+                }
+            }
+        }
+        let Some(ps) = &self.products else {
+            if self.product.len() > 1 {
+                return Err("products.select: several [[product]] entries need [products] select = \"modbus\" | \"serial\" | \"gpio\"".into());
+            }
+            return Ok(());
+        };
+        if let Some(init) = ps.initial {
+            if !self.product_list().iter().any(|p| p.id == init) {
+                return Err(format!(
+                    "products.initial: {init} is not the id of a [[product]]"
+                ));
+            }
+        }
+        let has_gpio_lines = !ps.gpio_lines.is_empty();
+        match ps.select {
+            SelectKind::Modbus if self.modbus_tcp.is_none() && self.modbus_rtu.is_none() => {
+                return Err("products.select = \"modbus\": needs [modbus_tcp] or [modbus_rtu] (register 101 PRODUCT_SELECT)".into())
+            }
+            SelectKind::Serial if self.serial.is_none() => {
+                return Err("products.select = \"serial\": needs [serial] (the PRODUCT command)".into())
+            }
+            SelectKind::Gpio => {
+                if self.gpio.is_none() {
+                    return Err("products.select = \"gpio\": needs a [gpio] section".into());
+                }
+                in_range("products.gpio_lines (count)", ps.gpio_lines.len() as u64, 1, 10)?;
+            }
+            _ if has_gpio_lines => {
+                return Err(format!(
+                    "products.gpio_lines: only for select = \"gpio\" (select is \"{}\")",
+                    ps.select.word()
+                ))
+            }
+            _ => {}
+        }
         Ok(())
     }
 }
@@ -746,6 +963,62 @@ mod tests {
         LineConfig::load(&p).map(|c| c.0).map_err(|e| e.to_string())
     }
 
+    fn parse_products(text: &str) -> std::result::Result<LineConfig, String> {
+        let t = tempfile::tempdir().unwrap();
+        let p = t.path().join("line.toml");
+        let head = "[model]\nmodel = \"m.toml\"\n[source]\nkind = \"folder\"\npath = \"imgs\"\n[modbus_tcp]\nbind = \"127.0.0.1:1\"\n";
+        std::fs::write(&p, format!("{head}{text}")).unwrap();
+        LineConfig::load(&p).map(|c| c.0).map_err(|e| e.to_string())
+    }
+
+    const TWO: &str = "[[product]]\nid = 1\nname = \"a\"\nbank = \"a.eab\"\n[[product]]\nid = 2\nname = \"b\"\nbank = \"b.eab\"\nthreshold = 0.5\n";
+
+    /// Products: ids and names unique and in range, one bank source, a select mode whose
+    /// inputs are configured; each refusal names the field and the value.
+    #[test]
+    fn products_are_checked_by_name() {
+        let c = parse_products(&format!(
+            "[products]\nselect = \"modbus\"\ninitial = 2\n{TWO}"
+        ))
+        .unwrap();
+        let list = c.product_list();
+        assert_eq!(list.len(), 2);
+        assert!(list[1].bank.is_absolute() && list[1].bank.ends_with("b.eab"));
+        assert_eq!(list[1].threshold, Some(0.5));
+        let cases = [
+            (format!("[products]\nselect = \"modbus\"\n{TWO}{TWO}"), "product[2].id: 1 is used by an earlier product"),
+            (TWO.to_string(), "products.select: several [[product]] entries"),
+            (format!("[products]\nselect = \"serial\"\n{TWO}"), "products.select = \"serial\": needs [serial]"),
+            (format!("[products]\nselect = \"gpio\"\n{TWO}"), "products.select = \"gpio\": needs a [gpio] section"),
+            (format!("[products]\nselect = \"modbus\"\ngpio_lines = [29]\n{TWO}"), "products.gpio_lines: only for select = \"gpio\""),
+            (format!("[products]\nselect = \"modbus\"\ninitial = 7\n{TWO}"), "products.initial: 7"),
+            (format!("[products]\nselect = \"auto2\"\n{TWO}"), "unknown variant `auto2`"),
+            ("[products]\nselect = \"modbus\"\n[[product]]\nid = 0\nname = \"a\"\nbank = \"a\"\n".into(), "product[0].id: 0 is outside 1–999"),
+            ("[products]\nselect = \"modbus\"\n[[product]]\nid = 1000\nname = \"a\"\nbank = \"a\"\n".into(), "product[0].id: 1000"),
+            ("[products]\nselect = \"modbus\"\n[[product]]\nid = 1\nname = \"a,b\"\nbank = \"a\"\n".into(), "product[0].name: \"a,b\""),
+            ("[[product]]\nid = 1\nname = \"a\"\nbank = \"a\"\nthreshold = -1.0\n".into(), "product[0].threshold: -1"),
+            ("[[product]]\nid = 1\nname = \"a\"\nbank = \"a\"\n[[product]]\nid = 2\nname = \"a\"\nbank = \"b\"\n[products]\nselect = \"modbus\"\n".into(), "product[1].name: \"a\" is used by an earlier product"),
+            ("".into(), "model.bank: missing"),
+            ("[archive]\ndir = \"x\"\nmax_mb = 0\n[[product]]\nid = 1\nname = \"a\"\nbank = \"a\"\n".into(), "archive.max_mb: 0"),
+            ("[archive]\ndir = \"x\"\nkeep = \"some\"\n[[product]]\nid = 1\nname = \"a\"\nbank = \"a\"\n".into(), "unknown variant `some`"),
+        ];
+        for (text, want) in cases {
+            let e = parse_products(&text).unwrap_err();
+            assert!(e.contains(want), "{text}\n→ {e}\nwanted {want}");
+        }
+        // model.bank together with products is refused; model.bank alone is product 1.
+        let e = parse(&format!(
+            "[products]\nselect = \"modbus\"\n[modbus_tcp]\nbind = \"127.0.0.1:1\"\n{TWO}"
+        ))
+        .unwrap_err();
+        assert!(
+            e.contains("model.bank: set together with [[product]]"),
+            "{e}"
+        );
+        let one = parse("").unwrap().product_list();
+        assert_eq!((one.len(), one[0].id, one[0].name.as_str()), (1, 1, "b"));
+    }
+
     /// Every numeric field is refused outside its range, naming the field (M5: fault_after = 0
     /// used to fault the line on its first NG; M6: a huge fifo aborted on allocation).
     #[test]
@@ -815,7 +1088,7 @@ mod tests {
         let c = parse("").unwrap();
         assert_eq!(c.trigger.kind, TriggerKind::External);
         assert_eq!((c.timing.deadline_ms, c.timing.fifo), (500, 4));
-        assert!(c.model.bank.is_absolute() && c.source.path.ends_with("imgs"));
+        assert!(c.model.bank.as_ref().unwrap().is_absolute() && c.source.path.ends_with("imgs"));
     }
 
     #[test]

@@ -9,11 +9,11 @@
 use crate::arbiter::{self, LineHandle, LineTiming, Sink, Stage, StageResult};
 use crate::config::{LineConfig, SourceKind, TriggerKind};
 use crate::error::{LineError, Result};
+use crate::products::Judge;
 use crate::server::{self, PortRole, SerialPort, TcpLimits};
 use crate::sinks::{JsonlSink, LogSink, QueuedSink};
 use crate::status::{code, crc32, Counters, ErrCause, Health, LineState, Status};
 use edge_ad::images::list_images;
-use edge_ad::inspector::{Inspector, Verdict};
 use edge_ad::pipeline::{Device, PipelineOptions};
 use edge_ad::preprocess::Rgb8;
 use std::fs::File;
@@ -28,33 +28,29 @@ extern "C" fn on_signal(_: libc::c_int) {
     STOP.store(true, Ordering::SeqCst);
 }
 
-/// The inspection stage of a folder or file source: the next image through the inspector.
+/// The inspection stage of a folder or file source: the next image through the judge.
 struct InspectStage {
-    inspector: Inspector,
+    judge: Judge,
     frames: Vec<PathBuf>,
     next: usize,
 }
 
 impl Stage for InspectStage {
-    fn inspect(&mut self, tag: u32) -> StageResult {
+    fn inspect(&mut self, tag: u32, product: usize) -> StageResult {
         let p = &self.frames[self.next % self.frames.len()];
         self.next += 1;
         let img = Rgb8::open(p).map_err(|e| {
             log::warn!("tag {tag}: capture: {e}");
             ErrCause::Capture
         })?;
-        let (insp, verdict) = self.inspector.inspect(&img, p).map_err(|e| {
-            log::warn!("tag {tag}: inference: {e}");
-            ErrCause::Inference
-        })?;
-        Ok((insp.score, verdict == Verdict::Ng))
+        self.judge.judge(tag, product, &img, p)
     }
 
     /// The first image scored to a finite number; the next trigger still gets the first image.
-    fn self_test(&mut self) -> Result<(), u16> {
+    fn self_test(&mut self, product: usize) -> Result<(), u16> {
         let saved = self.next;
         self.next = 0;
-        let r = arbiter::self_test_outcome(self.inspect(0));
+        let r = arbiter::self_test_outcome(self.inspect(0, product));
         self.next = saved;
         r
     }
@@ -67,10 +63,12 @@ struct Loaded {
     board: Option<edge_ad_boards::Profile>,
     stage: Box<dyn Stage>,
     status: Status,
+    /// The archive's result input, when `[archive]` keeps anything.
+    archive_sink: Option<crate::archive::ArchiveSink>,
 }
 
-/// Config, board profile, source, model and bank: everything whose failure means nothing runs.
-fn load(config_path: &Path) -> Result<Loaded> {
+/// Config, board profile, source, model and banks: everything whose failure means nothing runs.
+fn load(config_path: &Path, health: &Arc<Health>) -> Result<Loaded> {
     let (cfg, cfg_bytes) = LineConfig::load(config_path)?;
     let board = cfg.board_profile(config_path)?;
     let device: Device = cfg.model.device.parse().map_err(|e| LineError::Config {
@@ -85,11 +83,22 @@ fn load(config_path: &Path) -> Result<Loaded> {
         fit: None,
         device,
     };
-    let bank_bytes = std::fs::read(&cfg.model.bank).map_err(|source| LineError::Open {
-        field: "model.bank",
-        path: cfg.model.bank.clone(),
-        source,
-    })?;
+    let products = cfg.product_list();
+    let (mut judge, infos) = Judge::load(&opts, &products, !cfg.product.is_empty())?;
+    let archive = match &cfg.archive {
+        None => None,
+        Some(a) => crate::archive::start(a, health.clone()).map_err(|source| LineError::Open {
+            field: "archive.dir",
+            path: a.dir.clone(),
+            source,
+        })?,
+    };
+    let (tap, archive_sink) = archive.unzip();
+    judge.set_archive(tap);
+    let active = match cfg.products.as_ref().and_then(|p| p.initial) {
+        Some(id) => infos.iter().position(|p| p.id == id).unwrap_or(0),
+        None => 0,
+    };
     let stage: Box<dyn Stage> = match cfg.source.kind {
         SourceKind::V4l2 => {
             let s = &cfg.source;
@@ -104,8 +113,7 @@ fn load(config_path: &Path) -> Result<Loaded> {
                     .map(|(k, v)| (k.clone(), v.as_i64()))
                     .collect(),
             };
-            let inspector = Inspector::load(&opts, &cfg.model.bank)?;
-            Box::new(crate::camera::CameraStage::start(cam, inspector))
+            Box::new(crate::camera::CameraStage::start(cam, judge))
         }
         SourceKind::Folder | SourceKind::File => {
             let frames = match cfg.source.kind {
@@ -117,9 +125,8 @@ fn load(config_path: &Path) -> Result<Loaded> {
                     path: cfg.source.path.clone(),
                 });
             }
-            let inspector = Inspector::load(&opts, &cfg.model.bank)?;
             Box::new(InspectStage {
-                inspector,
+                judge,
                 frames,
                 next: 0,
             })
@@ -128,7 +135,8 @@ fn load(config_path: &Path) -> Result<Loaded> {
     let status = Status {
         state: LineState::SelfTest,
         config_crc: crc32(&cfg_bytes),
-        bank_crc: crc32(&bank_bytes),
+        products: Arc::from(infos),
+        active,
         high_word_first: cfg
             .modbus_tcp
             .as_ref()
@@ -141,6 +149,7 @@ fn load(config_path: &Path) -> Result<Loaded> {
         board,
         stage,
         status,
+        archive_sink,
     })
 }
 
@@ -150,6 +159,8 @@ struct Outputs {
     serial: Option<(Arc<SerialPort>, Option<File>)>,
     rtu: Option<(Arc<SerialPort>, Option<File>)>,
     gpio_trigger: Option<(String, u32, Duration)>,
+    /// The product code inputs (`products.select = "gpio"`).
+    product_input: Option<arbiter::ProductInput>,
     /// The first output that failed to open: the line starts Faulted with this code.
     io_error: Option<u16>,
 }
@@ -157,14 +168,19 @@ struct Outputs {
 /// Open every output (journal, results log, serial, RTU, GPIO). An output that fails to open
 /// leaves the line Faulted (READY low) with the reason logged and on the error register, instead
 /// of a restart loop; a config that cannot be right (pins that do not resolve) is an error.
-fn open_outputs(l: &Loaded, health: &Arc<Health>) -> Result<Outputs> {
-    let cfg = &l.cfg;
+fn open_outputs(l: &mut Loaded, health: &Arc<Health>) -> Result<Outputs> {
     let mut io_error: Option<u16> = None;
     let mut sinks: Vec<Box<dyn Sink>> = vec![Box::new(QueuedSink::spawn(
         "log",
         Box::new(LogSink),
         health.clone(),
     ))];
+    // The archive has its own queue and thread (the sink only hands results over).
+    if let Some(a) = l.archive_sink.take() {
+        sinks.push(Box::new(a));
+    }
+    let l = &*l;
+    let cfg = &l.cfg;
     if let Some(p) = &cfg.log.results {
         let max = cfg.log.results_max_mb.saturating_mul(1 << 20);
         let sink =
@@ -206,6 +222,7 @@ fn open_outputs(l: &Loaded, health: &Arc<Health>) -> Result<Outputs> {
         .as_ref()
         .map(|r| open_port("modbus_rtu.port", &r.port, r.baud, PortRole::Rtu));
     let mut gpio_trigger = None;
+    let mut product_input = None;
     if let (Some(g), Some(b)) = (&cfg.gpio, &l.board) {
         if let Err(errors) = crate::pinmux::verify(cfg, &l.cfg_bytes, b, &g.pinmux_report) {
             for e in errors {
@@ -240,6 +257,28 @@ fn open_outputs(l: &Loaded, health: &Arc<Health>) -> Result<Outputs> {
                 }
             }
         }
+        if let Some(p) = cfg
+            .products
+            .as_ref()
+            .filter(|p| p.select == crate::config::SelectKind::Gpio)
+        {
+            let mut pins = Vec::new();
+            for (i, spec) in p.gpio_lines.iter().enumerate() {
+                pins.push(resolve_pin(spec, l.board.as_ref()).map_err(|source| {
+                    LineError::Gpio {
+                        line: format!("products.gpio_lines[{i}]"),
+                        source,
+                    }
+                })?);
+            }
+            match crate::gpio::product_input(&pins) {
+                Ok(input) => product_input = Some(input),
+                Err(e) => {
+                    log::error!("products.gpio_lines: {e}");
+                    io_error = io_error.or(Some(code::GPIO));
+                }
+            }
+        }
         if let Some(spec) = &g.trigger {
             let (chip, off) =
                 resolve_pin(spec, l.board.as_ref()).map_err(|source| LineError::Gpio {
@@ -251,6 +290,7 @@ fn open_outputs(l: &Loaded, health: &Arc<Health>) -> Result<Outputs> {
     }
     Ok(Outputs {
         sinks,
+        product_input,
         serial,
         rtu,
         gpio_trigger,
@@ -305,9 +345,9 @@ fn start_inputs(
 /// Run the line until SIGTERM/SIGINT or, in free-run with `trigger.count`, until that many
 /// triggers are resolved. Returns the final counters.
 pub fn run(config_path: &Path) -> Result<Counters> {
-    let loaded = load(config_path)?;
     let health = Arc::new(Health::default());
-    let outputs = open_outputs(&loaded, &health)?;
+    let mut loaded = load(config_path, &health)?;
+    let outputs = open_outputs(&mut loaded, &health)?;
     let tcp = match &loaded.cfg.modbus_tcp {
         None => None,
         Some(t) => {
@@ -327,9 +367,16 @@ pub fn run(config_path: &Path) -> Result<Counters> {
         fifo: cfg.timing.fifo,
         auto_online: cfg.timing.auto_online,
         fault_after: cfg.timing.fault_after,
+        select: cfg.products.as_ref().map(|p| p.select),
     };
-    let (handle, join) =
-        arbiter::start_with_health(timing, stage, outputs.sinks, status, health.clone());
+    let (handle, join) = arbiter::start_with_health(
+        timing,
+        stage,
+        outputs.sinks,
+        status,
+        health.clone(),
+        outputs.product_input,
+    );
     let input_error = start_inputs(
         &cfg,
         tcp,

@@ -57,6 +57,18 @@ pub enum LineError {
     /// Model, bank or images (the inspection library's errors name their files).
     #[error(transparent)]
     Runtime(#[from] edge_ad::Error),
+    /// A product's bank could not be used (another model, fit or projector; unreadable).
+    #[error("product[{index}] (id {id}, {name}): {source}")]
+    Product {
+        /// Its place among the `[[product]]` entries.
+        index: usize,
+        /// Its id.
+        id: u16,
+        /// Its name.
+        name: String,
+        /// What the inspection library said (it names the file).
+        source: Box<edge_ad::Error>,
+    },
     /// The arbiter thread panicked (a bug; the process exits non-zero).
     #[error("the arbiter thread panicked")]
     ArbiterPanicked,

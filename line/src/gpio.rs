@@ -170,6 +170,7 @@ mod tests {
     fn rec(tag: u32, outcome: Outcome, ms: u32) -> ResultRecord {
         ResultRecord {
             tag,
+            product: 1,
             outcome,
             score: 0.5,
             ms,
@@ -451,6 +452,54 @@ pub fn watch_trigger(
     Ok(())
 }
 
+/// The product code inputs of `products.select = "gpio"`: `pins` (chip label, offset), least
+/// significant bit first, active high, requested as inputs once; each call reads them all and
+/// returns the code (the product id). Lines on several chips are one request per chip.
+pub fn product_input(pins: &[(String, u32)]) -> Result<super::arbiter::ProductInput, GpioError> {
+    let mut reqs: Vec<(gpiocdev::Request, Vec<(u32, usize)>)> = Vec::new();
+    let mut chips: Vec<String> = Vec::new();
+    for (chip, _) in pins {
+        if !chips.contains(chip) {
+            chips.push(chip.clone());
+        }
+    }
+    for chip in chips {
+        let path = chip_by_label(&chip)?;
+        let lines: Vec<(u32, usize)> = pins
+            .iter()
+            .enumerate()
+            .filter(|(_, (c, _))| *c == chip)
+            .map(|(bit, (_, off))| (*off, bit))
+            .collect();
+        let offsets: Vec<u32> = lines.iter().map(|l| l.0).collect();
+        let req = gpiocdev::Request::builder()
+            .on_chip(&path)
+            .with_consumer("edge-ad-product")
+            .with_lines(&offsets)
+            .as_input()
+            .request()
+            .map_err(|e| GpioError::Request {
+                what: "product code inputs".into(),
+                chip: chip.clone(),
+                offset: offsets[0],
+                message: e.to_string(),
+            })?;
+        reqs.push((req, lines));
+    }
+    Ok(Box::new(move || {
+        let mut code = 0u16;
+        for (req, lines) in &reqs {
+            for (off, bit) in lines {
+                let v = req.value(*off).map_err(std::io::Error::other)?;
+                if v == gpiocdev::line::Value::Active {
+                    code |= 1 << bit;
+                }
+            }
+        }
+        Ok(code)
+    }))
+}
+
 /// Nanoseconds of `clock` now.
 fn clock_ns(clock: libc::clockid_t) -> u64 {
     let mut ts = libc::timespec {
@@ -566,6 +615,7 @@ mod device_tests {
         sink.state(LineState::Running);
         sink.emit(&ResultRecord {
             tag: 1,
+            product: 1,
             outcome: Outcome::Ok,
             score: 0.1,
             ms: 10,

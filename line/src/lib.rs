@@ -6,6 +6,8 @@
 //! - [`modbus`]: Modbus PDU logic, RTU framing, CRCs;
 //! - [`server`]: Modbus TCP and RTU servers and the serial ASCII protocol;
 //! - [`sinks`]: outputs on their own threads behind bounded queues, the results log;
+//! - [`products`]: one bank per product over one model, the verdict per product;
+//! - [`archive`]: frames, heatmaps and records of kept parts;
 //! - [`config`] and [`daemon`]: `edge-ad run --config line.toml`;
 //! - [`camera`], [`pixels`], [`gpio`], [`pinmux`], [`notify`]: V4L2, GPIO, systemd.
 //!
@@ -13,6 +15,7 @@
 //! only connects it to a line.
 
 pub mod arbiter;
+pub mod archive;
 pub mod camera;
 pub mod config;
 pub mod daemon;
@@ -22,6 +25,7 @@ pub mod modbus;
 pub mod notify;
 pub mod pinmux;
 pub mod pixels;
+pub mod products;
 pub mod server;
 pub mod sinks;
 pub mod status;

@@ -29,8 +29,12 @@ pub enum Write {
 }
 
 const ILLEGAL_FUNCTION: u8 = 1;
-const ILLEGAL_ADDRESS: u8 = 2;
-const ILLEGAL_VALUE: u8 = 3;
+/// Exception 02: the address is not in the map (or not writable in this configuration).
+pub const ILLEGAL_ADDRESS: u8 = 2;
+/// Exception 03: the value is refused (an unknown product id, a COMMAND value).
+pub const ILLEGAL_VALUE: u8 = 3;
+/// Exception 04: the server cannot do it now (PRODUCT_SELECT while Faulted or draining).
+pub const DEVICE_FAILURE: u8 = 4;
 
 fn exception(fc: u8, code: u8) -> Vec<u8> {
     vec![fc | 0x80, code]
@@ -50,9 +54,14 @@ fn pack_bits(bits: impl Iterator<Item = bool>, count: usize) -> Vec<u8> {
     out
 }
 
-/// Answer one request PDU (function code + data) from `regs`; writes go to `apply`. Returns the
-/// response PDU (an exception response for bad requests).
-pub fn handle_pdu(pdu: &[u8], regs: &Registers, mut apply: impl FnMut(Write)) -> Vec<u8> {
+/// Answer one request PDU (function code + data) from `regs`; writes go to `apply`, which may
+/// refuse one with an exception code (PRODUCT_SELECT: an unknown id is 03, a Faulted line 04).
+/// Returns the response PDU (an exception response for bad requests).
+pub fn handle_pdu(
+    pdu: &[u8],
+    regs: &Registers,
+    mut apply: impl FnMut(Write) -> Result<(), u8>,
+) -> Vec<u8> {
     let Some(&fc) = pdu.first() else {
         return exception(0, ILLEGAL_FUNCTION);
     };
@@ -113,7 +122,9 @@ pub fn handle_pdu(pdu: &[u8], regs: &Registers, mut apply: impl FnMut(Write)) ->
             let Some(coil) = Coil::from_address(be16(d)) else {
                 return exception(fc, ILLEGAL_ADDRESS);
             };
-            apply(Write::Coil(coil, value));
+            if let Err(code) = apply(Write::Coil(coil, value)) {
+                return exception(fc, code);
+            }
             pdu.to_vec()
         }
         6 => {
@@ -124,10 +135,12 @@ pub fn handle_pdu(pdu: &[u8], regs: &Registers, mut apply: impl FnMut(Write)) ->
             if !Registers::writable(addr) {
                 return exception(fc, ILLEGAL_ADDRESS);
             }
-            if !Registers::command_value(value) {
+            if addr == 100 && !Registers::command_value(value) {
                 return exception(fc, ILLEGAL_VALUE);
             }
-            apply(Write::Register(addr, value));
+            if let Err(code) = apply(Write::Register(addr, value)) {
+                return exception(fc, code);
+            }
             pdu.to_vec()
         }
         15 | 16 => {
@@ -152,17 +165,25 @@ pub fn handle_pdu(pdu: &[u8], regs: &Registers, mut apply: impl FnMut(Write)) ->
                     return exception(fc, ILLEGAL_ADDRESS);
                 };
                 for (i, c) in coils.into_iter().enumerate() {
-                    apply(Write::Coil(c, data[i / 8] & (1 << (i % 8)) != 0));
+                    if let Err(code) = apply(Write::Coil(c, data[i / 8] & (1 << (i % 8)) != 0)) {
+                        return exception(fc, code);
+                    }
                 }
             } else {
                 if (0..count).any(|i| !Registers::writable(start.wrapping_add(i as u16))) {
                     return exception(fc, ILLEGAL_ADDRESS);
                 }
-                if (0..count).any(|i| !Registers::command_value(be16(&data[2 * i..]))) {
+                if (0..count).any(|i| {
+                    start + i as u16 == 100 && !Registers::command_value(be16(&data[2 * i..]))
+                }) {
                     return exception(fc, ILLEGAL_VALUE);
                 }
                 for i in 0..count {
-                    apply(Write::Register(start + i as u16, be16(&data[2 * i..])));
+                    if let Err(code) =
+                        apply(Write::Register(start + i as u16, be16(&data[2 * i..])))
+                    {
+                        return exception(fc, code);
+                    }
                 }
             }
             let mut out = vec![fc];
@@ -385,27 +406,58 @@ mod tests {
         }
     }
 
-    /// COMMAND takes 1–4 only; 101 is no register (it used to answer OK and do nothing).
+    /// COMMAND takes 1–4 only; PRODUCT_SELECT (101) reads the active id and passes writes to
+    /// the line, whose refusal becomes the exception; 102 is no register.
     #[test]
     fn command_register_refuses_unknown_values_and_addresses() {
         let regs = crate::status::Status::default().registers();
         let mut writes = Vec::new();
+        let mut apply = |w: Write| {
+            writes.push(w);
+            match w {
+                Write::Register(101, 1) => Ok(()),
+                Write::Register(101, _) => Err(ILLEGAL_VALUE),
+                _ => Ok(()),
+            }
+        };
         assert_eq!(
-            handle_pdu(&[6, 0, 100, 0, 2], &regs, |w| writes.push(w)),
+            handle_pdu(&[6, 0, 100, 0, 2], &regs, &mut apply),
             vec![6, 0, 100, 0, 2]
         );
         assert_eq!(
-            handle_pdu(&[6, 0, 100, 0, 9], &regs, |w| writes.push(w)),
+            handle_pdu(&[6, 0, 100, 0, 9], &regs, &mut apply),
             vec![0x86, 3]
         );
         assert_eq!(
-            handle_pdu(&[6, 0, 101, 0, 1], &regs, |w| writes.push(w)),
+            handle_pdu(&[6, 0, 101, 0, 1], &regs, &mut apply),
+            vec![6, 0, 101, 0, 1]
+        );
+        assert_eq!(
+            handle_pdu(&[6, 0, 101, 0, 9], &regs, &mut apply),
+            vec![0x86, 3]
+        );
+        assert_eq!(
+            handle_pdu(&[6, 0, 102, 0, 1], &regs, &mut apply),
             vec![0x86, 2]
         );
         assert_eq!(
-            handle_pdu(&[3, 0, 101, 0, 1], &regs, |w| writes.push(w)),
-            vec![0x83, 2]
+            handle_pdu(&[3, 0, 101, 0, 1], &regs, &mut apply),
+            vec![3, 2, 0, 1]
         );
-        assert_eq!(writes, vec![Write::Register(100, 2)]);
+        // FC16 over COMMAND and PRODUCT_SELECT: each checked, the refusal answered.
+        assert_eq!(
+            handle_pdu(&[16, 0, 100, 0, 2, 4, 0, 3, 0, 5], &regs, &mut apply),
+            vec![0x90, 3]
+        );
+        assert_eq!(
+            writes,
+            vec![
+                Write::Register(100, 2),
+                Write::Register(101, 1),
+                Write::Register(101, 9),
+                Write::Register(100, 3),
+                Write::Register(101, 5),
+            ]
+        );
     }
 }

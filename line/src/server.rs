@@ -3,6 +3,7 @@
 //! [`LineHandle`]; none can block inspection.
 
 use super::arbiter::{Command, LineHandle, Sink};
+use super::config::SelectKind;
 use super::modbus::{handle_pdu, rtu_frame, RtuDecoder, RtuEvent, Write};
 use super::status::{Coil, Health, LineState, ResultRecord, Status};
 use std::fs::File;
@@ -14,8 +15,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// Apply a Modbus write: coils and the COMMAND register become triggers and commands.
-pub fn apply_write(w: Write, h: &LineHandle) {
+/// Apply a Modbus write: coils and the COMMAND register become triggers and commands;
+/// PRODUCT_SELECT (101) switches the product once the arbiter agrees, or answers its refusal
+/// as the exception (03 unknown id, 04 Faulted, 02 products selected another way).
+pub fn apply_write(w: Write, h: &LineHandle) -> Result<(), u8> {
     match w {
         Write::Coil(Coil::Trigger, true) => h.trigger(),
         Write::Coil(Coil::Online, on) => h.command(Command::Online(on)),
@@ -26,9 +29,18 @@ pub fn apply_write(w: Write, h: &LineHandle) {
         Write::Register(100, 2) => h.command(Command::FaultAck),
         Write::Register(100, 3) => h.command(Command::Online(true)),
         Write::Register(100, 4) => h.command(Command::Online(false)),
+        Write::Register(101, id) => {
+            return h
+                .select_product(id, SelectKind::Modbus)
+                .map_err(|e| e.exception())
+        }
         // handle_pdu refuses every other address and value (exceptions 02, 03).
-        Write::Register(a, v) => log::warn!("modbus: register {a} = {v} refused"),
+        Write::Register(a, v) => {
+            log::warn!("modbus: register {a} = {v} refused");
+            return Err(super::modbus::ILLEGAL_ADDRESS);
+        }
     }
+    Ok(())
 }
 
 /// Open a serial device (or pty) raw, at `baud`, with reads that return after 100 ms of silence.
@@ -225,7 +237,7 @@ pub fn tcp_response(
     pdu: &[u8],
     unit: u8,
     st: &Status,
-    apply: impl FnMut(Write),
+    apply: impl FnMut(Write) -> Result<(), u8>,
 ) -> Option<Vec<u8>> {
     let id = mbap[6];
     if id != unit && id != 0 && id != 255 {
@@ -530,6 +542,12 @@ pub enum SerialCommand {
     Reset,
     /// `STATUS?`.
     Status,
+    /// `PRODUCT <id>`: select a product.
+    Product(u16),
+    /// `PRODUCT <x>` where x is not a number 0–65535.
+    BadProduct,
+    /// `PRODUCT?`: the active product.
+    ProductQuery,
     /// Anything else.
     Unknown,
     /// A line over 64 bytes.
@@ -559,7 +577,15 @@ impl SerialParser {
                     b"PING" => SerialCommand::Ping,
                     b"RESET" => SerialCommand::Reset,
                     b"STATUS?" => SerialCommand::Status,
-                    _ => SerialCommand::Unknown,
+                    b"PRODUCT?" => SerialCommand::ProductQuery,
+                    l => match l.strip_prefix(b"PRODUCT ") {
+                        Some(arg) => std::str::from_utf8(arg)
+                            .ok()
+                            .filter(|a| !a.is_empty() && a.bytes().all(|b| b.is_ascii_digit()))
+                            .and_then(|a| a.parse().ok())
+                            .map_or(SerialCommand::BadProduct, SerialCommand::Product),
+                        None => SerialCommand::Unknown,
+                    },
                 })
             };
             self.line.clear();
@@ -613,6 +639,18 @@ pub fn serve_serial_commands(port: Arc<SerialPort>, reader: Option<File>, h: Lin
                         c.overruns
                     ));
                 }
+                Some(SerialCommand::Product(id)) => {
+                    match h.select_product(id, SelectKind::Serial) {
+                        Ok(()) => reply("!OK"),
+                        Err(e) => reply(&format!("!ERR,{}", e.word())),
+                    }
+                }
+                Some(SerialCommand::BadProduct) => reply("!ERR,BAD_PRODUCT_ID"),
+                Some(SerialCommand::ProductQuery) => {
+                    let s = h.status();
+                    let p = s.active_product();
+                    reply(&format!("!PRODUCT,{},{}", p.id, p.name));
+                }
                 Some(SerialCommand::Unknown) => reply("!ERR,UNKNOWN_COMMAND"),
                 Some(SerialCommand::TooLong) => reply("!ERR,LINE_TOO_LONG"),
             }
@@ -641,6 +679,7 @@ mod tests {
     fn result_lines_follow_the_protocol() {
         let r = ResultRecord {
             tag: 1042,
+            product: 1,
             outcome: Outcome::Ok,
             score: 0.1374,
             ms: 48,
@@ -654,5 +693,25 @@ mod tests {
             ..r
         };
         assert_eq!(result_line(&e), "1042,ERR,-1.000,500\r\n");
+    }
+
+    #[test]
+    fn product_commands_parse_and_refuse_non_numbers() {
+        let parse = |s: &str| {
+            let mut p = SerialParser::default();
+            s.bytes().chain([b'\r']).find_map(|b| p.push(b))
+        };
+        assert_eq!(parse("PRODUCT 12"), Some(SerialCommand::Product(12)));
+        assert_eq!(parse("PRODUCT?"), Some(SerialCommand::ProductQuery));
+        for bad in [
+            "PRODUCT x",
+            "PRODUCT ",
+            "PRODUCT -1",
+            "PRODUCT 70000",
+            "PRODUCT 1 2",
+        ] {
+            assert_eq!(parse(bad), Some(SerialCommand::BadProduct), "{bad}");
+        }
+        assert_eq!(parse("PRODUCT"), Some(SerialCommand::Unknown));
     }
 }

@@ -208,7 +208,7 @@ pub fn jsonl_line(r: &ResultRecord) -> String {
     let line = serde_json::json!({
         "tag": r.tag, "outcome": r.outcome,
         "score": if r.score.is_finite() { Some(r.score) } else { None },
-        "ms": r.ms, "cause": r.cause,
+        "ms": r.ms, "cause": r.cause, "product": r.product,
     });
     format!("{line}\n")
 }
@@ -239,6 +239,7 @@ mod tests {
     fn rec(tag: u32) -> ResultRecord {
         ResultRecord {
             tag,
+            product: 1,
             outcome: Outcome::Ok,
             score: 0.5,
             ms: 10,

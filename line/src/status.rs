@@ -69,6 +69,10 @@ pub enum ErrCause {
     Inference = 0x0403,
     /// The line was not Running (offline, faulted, draining).
     NotRunning = 0x0001,
+    /// The product code read at the trigger (GPIO) is no configured product (0x0701).
+    UnknownProduct = 0x0701,
+    /// The product code inputs could not be read at the trigger (0x0702).
+    ProductInput = 0x0702,
 }
 
 /// Error codes that are not a tag's cause (ERROR_CODE register, docs/line.md).
@@ -108,6 +112,8 @@ pub struct Health {
     pub stage_done: AtomicU64,
     /// The stage is working on a job now.
     pub stage_busy: AtomicBool,
+    /// Archive entries dropped (queue full: a slow disk) or not written.
+    pub archive_dropped: AtomicU32,
     /// The last tag the arbiter resolved and emitted (tags are emitted in order): the stage
     /// skips jobs at or before it.
     pub resolved_through: AtomicU32,
@@ -126,6 +132,20 @@ pub struct ResultRecord {
     pub ms: u32,
     /// Why ERR.
     pub cause: Option<ErrCause>,
+    /// Id of the product the part was inspected as (the one in effect at its trigger; 0 when
+    /// none was: an unknown GPIO product code).
+    pub product: u16,
+}
+
+/// A configured product as the status shows it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ProductInfo {
+    /// PRODUCT_SELECT id (1–999).
+    pub id: u16,
+    /// Its name.
+    pub name: String,
+    /// CRC-32 of its bank file (BANK_CRC32 while it is active).
+    pub bank_crc: u32,
 }
 
 /// Counters since start or the last CLEAR.
@@ -202,8 +222,10 @@ pub struct Status {
     pub uptime_s: u32,
     /// CRC-32 of the config file bytes.
     pub config_crc: u32,
-    /// CRC-32 of the bank file bytes.
-    pub bank_crc: u32,
+    /// The configured products (at least one), in config order.
+    pub products: std::sync::Arc<[ProductInfo]>,
+    /// Index in `products` of the active product.
+    pub active: usize,
     /// High word first (default) or low word first for 32-bit values.
     pub high_word_first: bool,
     /// GPIO ABI in use (0 = none).
@@ -222,6 +244,8 @@ pub struct Status {
     pub tcp_connections: u16,
     /// Modbus TCP connections the server closed.
     pub tcp_dropped: u32,
+    /// Archive entries dropped, from [`Health`].
+    pub archive_dropped: u32,
 }
 
 impl Default for Status {
@@ -238,7 +262,12 @@ impl Default for Status {
             heartbeat_count: 0,
             uptime_s: 0,
             config_crc: 0,
-            bank_crc: 0,
+            products: std::sync::Arc::from(vec![ProductInfo {
+                id: 1,
+                name: "default".into(),
+                bank_crc: 0,
+            }]),
+            active: 0,
             high_word_first: true,
             gpio_abi: 0,
             alive: 0,
@@ -248,6 +277,7 @@ impl Default for Status {
             port_lost: false,
             tcp_connections: 0,
             tcp_dropped: 0,
+            archive_dropped: 0,
         }
     }
 }
@@ -261,6 +291,7 @@ impl Status {
         self.port_lost = h.ports_lost.load(Ordering::Relaxed) != 0;
         self.tcp_connections = h.tcp_connections.load(Ordering::Relaxed).min(65535) as u16;
         self.tcp_dropped = h.tcp_dropped.load(Ordering::Relaxed);
+        self.archive_dropped = h.archive_dropped.load(Ordering::Relaxed);
         self
     }
 
@@ -283,6 +314,16 @@ impl Status {
         self.result_seq = self.result_seq.wrapping_add(1);
         self.ring.push_front(*r);
         self.ring.truncate(8);
+    }
+
+    /// The active product.
+    pub fn active_product(&self) -> &ProductInfo {
+        &self.products[self.active.min(self.products.len() - 1)]
+    }
+
+    /// The index of the product with this id.
+    pub fn product_index(&self, id: u16) -> Option<usize> {
+        self.products.iter().position(|p| p.id == id)
     }
 
     /// The register image of this status.
@@ -336,6 +377,7 @@ impl Status {
             w[6] = r.outcome as u16;
             w[7] = score1000(r);
             w[8] = r.ms.min(65535) as u16;
+            w[9] = r.product;
         }
         let c = &self.counters;
         put32(&mut w, 10, c.triggers);
@@ -349,15 +391,18 @@ impl Status {
         w[22] = c.proc_sum_ms.checked_div(resolved).unwrap_or(0).min(65535) as u16;
         w[23] = self.in_flight;
         put32(&mut w, 24, self.config_crc);
-        put32(&mut w, 26, self.bank_crc);
+        put32(&mut w, 26, self.active_product().bank_crc);
         w[28] = 0;
         w[29] = self.heartbeat_count;
         put32(&mut w, 30, self.uptime_s);
         w[32] = self.gpio_abi;
+        w[33] = self.active_product().id;
         put32(&mut w, 34, self.outputs_dropped);
         put32(&mut w, 36, self.log_errors);
         w[38] = self.tcp_connections;
+        w[39] = self.products.len().min(65535) as u16;
         put32(&mut w, 40, self.tcp_dropped);
+        put32(&mut w, 42, self.archive_dropped);
         for (i, r) in self.ring.iter().enumerate() {
             let a = 200 + 5 * i;
             put32(&mut w, a, r.tag);
@@ -368,6 +413,7 @@ impl Status {
         Registers {
             words: w,
             online: self.state == LineState::Running,
+            active_product: self.active_product().id,
         }
     }
 }
@@ -377,21 +423,23 @@ impl Status {
 pub struct Registers {
     words: [u16; 240],
     online: bool,
+    active_product: u16,
 }
 
 impl Registers {
-    /// Register `addr` (input registers; `holding` also serves COMMAND, 100, which reads 0).
-    /// `None` = illegal address.
+    /// Register `addr` (input registers; `holding` also serves COMMAND, 100, which reads 0, and
+    /// PRODUCT_SELECT, 101, which reads the active product's id). `None` = illegal address.
     pub fn register(&self, addr: usize, holding: bool) -> Option<u16> {
         match addr {
             0..=99 | 200..=239 => Some(self.words[addr]),
             100 if holding => Some(0),
+            101 if holding => Some(self.active_product),
             _ => None,
         }
     }
-    /// Holding registers a master may write: COMMAND (100) only.
+    /// Holding registers a master may write: COMMAND (100) and PRODUCT_SELECT (101).
     pub fn writable(addr: u16) -> bool {
-        addr == 100
+        addr == 100 || addr == 101
     }
     /// A value COMMAND accepts: 1 clear counters, 2 fault ack, 3 online, 4 offline.
     pub fn command_value(value: u16) -> bool {
@@ -461,6 +509,7 @@ mod tests {
             score: 0.9126,
             ms: 48,
             cause: None,
+            product: 7,
         });
         let r = s.registers();
         assert_eq!(r.register(1, false), Some(3));
@@ -485,8 +534,12 @@ mod tests {
         assert_eq!(r.register(99, false), Some(0));
         assert_eq!(r.register(100, false), None);
         assert_eq!(r.register(100, true), Some(0));
-        assert_eq!(r.register(101, true), None);
-        assert!(Registers::writable(100) && !Registers::writable(101));
+        assert_eq!(r.register(9, false), Some(7)); // LAST_PRODUCT
+        assert_eq!(r.register(33, false), Some(1)); // ACTIVE_PRODUCT
+        assert_eq!(r.register(39, false), Some(1)); // PRODUCT_COUNT
+        assert_eq!(r.register(101, true), Some(1)); // PRODUCT_SELECT reads the active id
+        assert_eq!(r.register(101, false), None);
+        assert!(Registers::writable(100) && Registers::writable(101) && !Registers::writable(102));
         assert_eq!(r.register(150, true), None);
         s.high_word_first = false;
         let r = s.registers();

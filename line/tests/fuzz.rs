@@ -206,7 +206,7 @@ fn modbus_rtu_decoder_and_pdu_logic_never_panic() {
                 rest = &rest[n..];
                 while let Some(e) = d.next_event() {
                     if let RtuEvent::Request(_, pdu) = &e {
-                        let resp = handle_pdu(pdu, &regs, |_| {});
+                        let resp = handle_pdu(pdu, &regs, |_| Ok(()));
                         assert!(!resp.is_empty() && resp.len() <= 253, "{resp:?}");
                     }
                     out.push(e);
@@ -261,7 +261,7 @@ fn modbus_tcp_framing_never_panics() {
                 if rest.len() < 7 + len {
                     break;
                 }
-                if let Some(out) = tcp_response(&mbap, &rest[7..7 + len], 1, &st, |_| {}) {
+                if let Some(out) = tcp_response(&mbap, &rest[7..7 + len], 1, &st, |_| Ok(())) {
                     assert!(out.len() <= 7 + 253, "{}", out.len());
                     n += 1;
                 }

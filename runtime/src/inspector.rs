@@ -966,12 +966,21 @@ enum References {
     Aligned(AlignedBank),
 }
 
-/// A pipeline with its bank and threshold: inspects parts and gives verdicts.
+/// One loaded bank: its references (fixed or aligned) and its file (header, threshold).
+#[derive(Debug)]
+struct LoadedBank {
+    refs: References,
+    file: BankFile,
+}
+
+/// A pipeline with its banks and thresholds: inspects parts and gives verdicts. Usually one bank;
+/// a line with several products loads one bank per product over the same pipeline
+/// ([`Inspector::add_bank`]), so a change-over is an index, not a model load (docs/line.md,
+/// "Products").
 #[derive(Debug)]
 pub struct Inspector {
     pipeline: Pipeline,
-    refs: References,
-    file: BankFile,
+    banks: Vec<LoadedBank>,
 }
 
 impl Inspector {
@@ -1003,6 +1012,16 @@ impl Inspector {
     /// An inspector over an already loaded pipeline (no second load and optimisation of the
     /// model): the bank must match its identity and fit.
     pub fn with_pipeline(pipeline: Pipeline, file: BankFile, bank_path: &Path) -> Result<Self> {
+        let bank = Self::prepare(&pipeline, file, bank_path)?;
+        Ok(Self {
+            pipeline,
+            banks: vec![bank],
+        })
+    }
+
+    /// Check a bank file against the pipeline (fit, backbone, description, projector) and build
+    /// its references.
+    fn prepare(pipeline: &Pipeline, file: BankFile, bank_path: &Path) -> Result<LoadedBank> {
         let fit = pipeline.description().desc.input.fit;
         if fit.name() != file.header.fit {
             return Err(Error::Invalid(format!(
@@ -1024,16 +1043,46 @@ impl Inspector {
                 .map_err(|e| Error::Invalid(format!("{}: {e}", bank_path.display())))?,
             ),
         };
-        Ok(Self {
-            pipeline,
-            refs,
-            file,
-        })
+        Ok(LoadedBank { refs, file })
     }
 
-    /// The bank's header (references, threshold, identities).
+    /// Load one more bank over the same pipeline (another product): it must have been made with
+    /// this model (backbone, description, projector) and fit, else the error names the file and
+    /// what differs. Returns its index for [`Inspector::inspect_with`].
+    pub fn add_bank(&mut self, bank_path: &Path) -> Result<usize> {
+        let file = BankFile::load(bank_path)?;
+        let bank = Self::prepare(&self.pipeline, file, bank_path)?;
+        self.banks.push(bank);
+        Ok(self.banks.len() - 1)
+    }
+
+    /// Banks loaded (at least one).
+    pub fn bank_count(&self) -> usize {
+        self.banks.len()
+    }
+
+    /// The first bank's header (references, threshold, identities).
     pub fn header(&self) -> &BankHeader {
-        &self.file.header
+        &self.banks[0].file.header
+    }
+
+    /// Bank `i`'s header; `None` past the banks loaded.
+    pub fn header_of(&self, i: usize) -> Option<&BankHeader> {
+        self.banks.get(i).map(|b| &b.file.header)
+    }
+
+    /// Bytes the references of bank `i` hold in memory (bank levels or the aligned pool).
+    pub fn bank_bytes(&self, i: usize) -> usize {
+        self.banks.get(i).map_or(0, |b| {
+            b.file
+                .levels
+                .iter()
+                .map(|l| match l {
+                    LevelData::F16(v) => v.len() * 2,
+                    LevelData::F32(v) => v.len() * 4,
+                })
+                .sum()
+        })
     }
     /// The pipeline.
     pub fn pipeline(&self) -> &Pipeline {
@@ -1042,7 +1091,24 @@ impl Inspector {
 
     /// Inspect one image: map, score, timings and the verdict against the bank's threshold.
     pub fn inspect(&mut self, img: &Rgb8, path: &Path) -> Result<(Inspection, Verdict)> {
-        let insp = match &self.refs {
+        self.inspect_with(0, img, path)
+    }
+
+    /// [`Inspector::inspect`] against bank `bank` (a product's); an index past the banks loaded
+    /// is an error, not a panic.
+    pub fn inspect_with(
+        &mut self,
+        bank: usize,
+        img: &Rgb8,
+        path: &Path,
+    ) -> Result<(Inspection, Verdict)> {
+        let Some(loaded) = self.banks.get(bank) else {
+            return Err(Error::Invalid(format!(
+                "bank {bank} asked for, {} loaded",
+                self.banks.len()
+            )));
+        };
+        let insp = match &loaded.refs {
             References::Fixed(bank) => self.pipeline.inspect(img, path, bank)?,
             References::Aligned(pool) => {
                 let t0 = std::time::Instant::now();
@@ -1063,7 +1129,7 @@ impl Inspector {
                 insp
             }
         };
-        let v = if self.file.header.threshold.rejects(insp.score as f64) {
+        let v = if loaded.file.header.threshold.rejects(insp.score as f64) {
             Verdict::Ng
         } else {
             Verdict::Ok

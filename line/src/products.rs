@@ -1,0 +1,155 @@
+//! Products (docs/line.md, "Products"): one pipeline, one bank per `[[product]]`, all loaded and
+//! checked at start, so that a change-over is an index and never costs a frame. [`Judge`] is
+//! what every inspection stage (folder, file, camera) calls with the frame of a part and the
+//! product in effect at its trigger.
+
+use crate::arbiter::StageResult;
+use crate::archive::{ArchiveTap, Capture};
+use crate::config::ProductSection;
+use crate::error::{LineError, Result};
+use crate::status::{crc32, ErrCause, ProductInfo};
+use edge_ad::heatmap::Scale;
+use edge_ad::inspector::Inspector;
+use edge_ad::pipeline::PipelineOptions;
+use edge_ad::preprocess::Rgb8;
+use std::path::Path;
+
+/// One product's verdict rule.
+struct Rule {
+    name: String,
+    /// Scores above are NG: the product's override or its bank's threshold.
+    threshold: f64,
+    scale: Scale,
+}
+
+/// The inspector with every product's bank, their thresholds, and the archive's tap.
+pub struct Judge {
+    inspector: Inspector,
+    rules: Vec<Rule>,
+    archive: Option<ArchiveTap>,
+}
+
+impl Judge {
+    /// Load the model once and every product's bank over it. A bank made with another model,
+    /// fit or projector is refused naming the product (`named`: the products are `[[product]]`
+    /// entries, not `model.bank`); the memory each bank takes is logged.
+    pub fn load(
+        opts: &PipelineOptions,
+        products: &[ProductSection],
+        named: bool,
+    ) -> Result<(Self, Vec<ProductInfo>)> {
+        let mut infos = Vec::with_capacity(products.len());
+        let mut rules = Vec::with_capacity(products.len());
+        let mut inspector: Option<Inspector> = None;
+        for (i, p) in products.iter().enumerate() {
+            let wrap = |source: edge_ad::Error| {
+                if named {
+                    LineError::Product {
+                        index: i,
+                        id: p.id,
+                        name: p.name.clone(),
+                        source: Box::new(source),
+                    }
+                } else {
+                    LineError::Runtime(source)
+                }
+            };
+            let bytes = std::fs::read(&p.bank).map_err(|source| LineError::Open {
+                field: if named { "product.bank" } else { "model.bank" },
+                path: p.bank.clone(),
+                source,
+            })?;
+            let index = match inspector.as_mut() {
+                None => {
+                    inspector = Some(Inspector::load(opts, &p.bank).map_err(wrap)?);
+                    0
+                }
+                Some(insp) => insp.add_bank(&p.bank).map_err(wrap)?,
+            };
+            let insp = inspector.as_ref().expect("loaded above");
+            let header = insp.header_of(index).expect("bank just loaded");
+            let threshold = p.threshold.unwrap_or(header.threshold.value);
+            log::info!(
+                "product {} ({}): bank {} ({:.1} MB in memory, CRC-32 {:08x}), threshold {:.4}{}",
+                p.id,
+                p.name,
+                p.bank.display(),
+                insp.bank_bytes(index) as f64 / 1e6,
+                crc32(&bytes),
+                threshold,
+                if p.threshold.is_some() {
+                    " (products's own, not the bank's)"
+                } else {
+                    ""
+                }
+            );
+            rules.push(Rule {
+                name: p.name.clone(),
+                threshold,
+                scale: Scale::for_threshold(header.threshold.normal_min, threshold),
+            });
+            infos.push(ProductInfo {
+                id: p.id,
+                name: p.name.clone(),
+                bank_crc: crc32(&bytes),
+            });
+        }
+        let inspector = inspector.ok_or_else(|| LineError::Config {
+            path: "line.toml".into(),
+            message: "no product to inspect".into(),
+        })?;
+        let total: usize = (0..inspector.bank_count())
+            .map(|i| inspector.bank_bytes(i))
+            .sum();
+        log::info!(
+            "{} product(s) loaded, banks {:.1} MB in memory together",
+            infos.len(),
+            total as f64 / 1e6
+        );
+        Ok((
+            Self {
+                inspector,
+                rules,
+                archive: None,
+            },
+            infos,
+        ))
+    }
+
+    /// Hand frames of parts the archive may keep to it.
+    pub fn set_archive(&mut self, tap: Option<ArchiveTap>) {
+        self.archive = tap;
+    }
+
+    /// Inspect the frame of `tag` as product `product` (index): its score and whether it is NG
+    /// by that product's threshold.
+    pub fn judge(&mut self, tag: u32, product: usize, img: &Rgb8, path: &Path) -> StageResult {
+        let Some(rule) = self.rules.get(product) else {
+            log::warn!("tag {tag}: product index {product} is not loaded");
+            return Err(ErrCause::Inference);
+        };
+        let (insp, _) = self
+            .inspector
+            .inspect_with(product, img, path)
+            .map_err(|e| {
+                log::warn!("tag {tag}: inference: {e}");
+                ErrCause::Inference
+            })?;
+        let score = insp.score;
+        let ng = !score.is_finite() || score as f64 > rule.threshold;
+        // Tag 0 is the self-test's frame: never a part, never archived.
+        if let (Some(tap), true) = (&self.archive, tag != 0) {
+            if tap.wants(ng) {
+                tap.offer(Capture {
+                    tag,
+                    frame: img.clone(),
+                    inspection: insp,
+                    threshold: rule.threshold,
+                    scale: rule.scale,
+                    product_name: rule.name.clone(),
+                });
+            }
+        }
+        Ok((score, ng))
+    }
+}
