@@ -1000,7 +1000,9 @@ fn cmd_archive(args: ArchiveArgs) -> Result<()> {
         let r = &e.record;
         if json {
             let mut v = r.clone();
-            v["path"] = serde_json::json!(e.path);
+            if let Some(o) = v.as_object_mut() {
+                o.insert("path".into(), serde_json::json!(e.path));
+            }
             writeln!(out, "{v}")?;
         } else {
             let (id, name) = e.product();

@@ -1207,8 +1207,7 @@ print(json.dumps(out))
 "#;
 
 /// The serial PRODUCT commands: query, select, a non-number and an unknown id refused; the
-/// part after the change is inspected as the new product. Modbus cannot select then
-/// (exception 02: products are selected over serial).
+/// part after the change is inspected as the new product.
 #[test]
 fn serial_product_commands() {
     let Some(py) = venv_python() else { return };

@@ -145,7 +145,13 @@ pub enum Event {
     /// with this code until the process is restarted.
     IoFault(u16),
     /// Make product `id` the active one, asked by `origin`; the answer goes back on the channel.
-    SelectProduct(u16, SelectKind, SyncSender<Result<(), ProductRefusal>>),
+    /// Past the instant (the asker stopped waiting and answered BUSY) it is refused, not done.
+    SelectProduct(
+        u16,
+        SelectKind,
+        Instant,
+        SyncSender<Result<(), ProductRefusal>>,
+    ),
     /// SIGTERM: drain and stop.
     Shutdown,
 }
@@ -210,11 +216,16 @@ impl LineHandle {
     /// triggered keep their product) or refused.
     pub fn select_product(&self, id: u16, origin: SelectKind) -> Result<(), ProductRefusal> {
         let (tx, rx) = mpsc::sync_channel(1);
-        if self.tx.send(Event::SelectProduct(id, origin, tx)).is_err() {
+        let wait = Duration::from_secs(1);
+        let until = Instant::now() + wait;
+        if self
+            .tx
+            .send(Event::SelectProduct(id, origin, until, tx))
+            .is_err()
+        {
             return Err(ProductRefusal::NotNow(LineState::Draining));
         }
-        rx.recv_timeout(Duration::from_secs(1))
-            .unwrap_or(Err(ProductRefusal::Busy))
+        rx.recv_timeout(wait).unwrap_or(Err(ProductRefusal::Busy))
     }
     /// Start draining.
     pub fn shutdown(&self) {
@@ -548,8 +559,10 @@ fn arbiter(
                     }
                 }
             }
-            Ok(Event::SelectProduct(id, origin, reply)) => {
-                let r = if timing.select.is_some_and(|k| k != origin) {
+            Ok(Event::SelectProduct(id, origin, until, reply)) => {
+                let r = if now > until {
+                    Err(ProductRefusal::Busy)
+                } else if timing.select.is_some_and(|k| k != origin) {
                     Err(ProductRefusal::OtherSelect(timing.select.unwrap_or(origin)))
                 } else if matches!(st.state, LineState::Faulted | LineState::Draining) {
                     Err(ProductRefusal::NotNow(st.state))

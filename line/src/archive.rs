@@ -38,8 +38,6 @@ pub struct Capture {
     pub threshold: f64,
     /// The heatmap's colour scale (the bank's).
     pub scale: Scale,
-    /// The product's name.
-    pub product_name: String,
 }
 
 enum Msg {
@@ -49,8 +47,9 @@ enum Msg {
     Stop(SyncSender<()>),
 }
 
-/// Captures waiting for their result at most: more than the FIFO can hold in flight.
-const PENDING: usize = 80;
+/// Captures waiting for their result at most: more than the FIFO can hold in flight
+/// (`timing.fifo` ≤ 64).
+const PENDING: usize = 72;
 /// Messages queued for the writer at most; beyond, entries are dropped and counted.
 const QUEUE: usize = 32;
 
@@ -95,12 +94,17 @@ pub struct ArchiveSink {
     health: Arc<Health>,
 }
 
-/// Whether `keep` keeps a part with this outcome.
-pub fn keeps(keep: ArchiveKeep, outcome: Outcome) -> bool {
+/// Whether `keep` keeps this result. A trigger while the line was not Running (offline,
+/// Faulted, draining) was never inspected: nothing to look at, never kept (a Faulted line with
+/// a running photo-eye would otherwise fill the disk with empty records).
+pub fn keeps(keep: ArchiveKeep, r: &ResultRecord) -> bool {
+    if r.cause == Some(crate::status::ErrCause::NotRunning) {
+        return false;
+    }
     match keep {
         ArchiveKeep::All => true,
-        ArchiveKeep::Ng => outcome == Outcome::Ng,
-        ArchiveKeep::Rejected => outcome != Outcome::Ok,
+        ArchiveKeep::Ng => r.outcome == Outcome::Ng,
+        ArchiveKeep::Rejected => r.outcome != Outcome::Ok,
         ArchiveKeep::None => false,
     }
 }
@@ -129,22 +133,35 @@ impl Drop for ArchiveSink {
 impl Sink for ArchiveSink {
     fn emit(&mut self, r: &ResultRecord) {
         // Every result goes through (it also releases a capture the rule does not keep).
-        if self.tx.try_send(Msg::Result(*r)).is_err() && keeps(self.keep, r.outcome) {
+        if self.tx.try_send(Msg::Result(*r)).is_err() && keeps(self.keep, r) {
             dropped(&self.health);
         }
     }
 }
 
 /// Open the archive folder (created when missing), clean up what a crash left, and start the
-/// writer thread. `None` for `keep = "none"`.
+/// writer thread; `products` (id, name) name the products in records. `None` for
+/// `keep = "none"`, and when the folder cannot be opened (a disk not mounted): the line runs
+/// without its archive, said in the journal, rather than not at all.
 pub fn start(
     section: &ArchiveSection,
     health: Arc<Health>,
-) -> std::io::Result<Option<(ArchiveTap, ArchiveSink)>> {
+    products: Vec<(u16, String)>,
+) -> Option<(ArchiveTap, ArchiveSink)> {
     if section.keep == ArchiveKeep::None {
-        return Ok(None);
+        return None;
     }
-    let mut store = Store::open(&section.dir, section.max_mb.saturating_mul(1 << 20))?;
+    let mut store = match Store::open(&section.dir, section.max_mb.saturating_mul(1 << 20)) {
+        Ok(s) => s,
+        Err(e) => {
+            log::error!(
+                "archive.dir {}: {e}; the line runs without its archive",
+                section.dir.display()
+            );
+            return None;
+        }
+    };
+    store.products = products;
     log::info!(
         "archive {}: keep {:?}, {} entries, {:.1} of {} MiB",
         section.dir.display(),
@@ -158,33 +175,47 @@ pub fn start(
     let writer_health = health.clone();
     std::thread::Builder::new()
         .name("edge-ad-archive".into())
-        .spawn(move || writer(keep, rx, &mut store, &writer_health))?;
-    Ok(Some((
+        .spawn(move || writer(keep, rx, &mut store, &writer_health))
+        .ok()?;
+    Some((
         ArchiveTap {
             keep,
             tx: tx.clone(),
             health: health.clone(),
         },
         ArchiveSink { keep, tx, health },
-    )))
+    ))
+}
+
+/// `a` comes at or before `b` in tag order (tags wrap; the parts in flight are few).
+fn not_after(a: u32, b: u32) -> bool {
+    (a.wrapping_sub(b) as i32) <= 0
 }
 
 fn writer(keep: ArchiveKeep, rx: Receiver<Msg>, store: &mut Store, health: &Health) {
     let mut pending: VecDeque<Box<Capture>> = VecDeque::new();
+    // Results arrive in tag order: a capture at or before the last result's tag will never be
+    // matched (its part was resolved first, e.g. at its deadline) and is dropped at once.
+    let mut last_result: Option<u32> = None;
     while let Ok(m) = rx.recv() {
         match m {
             Msg::Capture(c) => {
+                if last_result.is_some_and(|t| not_after(c.tag, t)) {
+                    continue;
+                }
                 if pending.len() >= PENDING {
                     pending.pop_front();
                 }
                 pending.push_back(c);
             }
             Msg::Result(r) => {
+                last_result = Some(r.tag);
                 let capture = pending
                     .iter()
                     .position(|c| c.tag == r.tag)
                     .and_then(|i| pending.remove(i));
-                if keeps(keep, r.outcome) {
+                pending.retain(|c| !not_after(c.tag, r.tag));
+                if keeps(keep, &r) {
                     if let Err(e) = store.add(&r, capture.as_deref()) {
                         log::error!("archive {}: tag {}: {e}", store.dir.display(), r.tag);
                         dropped(health);
@@ -204,18 +235,33 @@ struct Store {
     dir: PathBuf,
     budget: u64,
     entries: VecDeque<(String, u64)>,
+    names: std::collections::HashSet<String>,
     total: u64,
+    /// Product names by id, for records.
+    products: Vec<(u16, String)>,
 }
 
+/// The disk an entry folder takes: the blocks allocated to it and to its files (a record of
+/// 400 bytes still takes a block; counting lengths would let many small entries pass the
+/// budget several times over).
 fn dir_size(p: &Path) -> u64 {
-    std::fs::read_dir(p)
+    use std::os::unix::fs::MetadataExt;
+    let blocks = |m: &std::fs::Metadata| (m.blocks() * 512).max(m.len());
+    let own = std::fs::metadata(p).map(|m| blocks(&m)).unwrap_or(0);
+    own + std::fs::read_dir(p)
         .map(|rd| {
             rd.flatten()
                 .filter_map(|e| e.metadata().ok())
-                .map(|m| m.len())
+                .map(|m| blocks(&m))
                 .sum()
         })
         .unwrap_or(0)
+}
+
+fn sync_dir(p: &Path) -> Result<(), String> {
+    std::fs::File::open(p)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| format!("{}: {e}", p.display()))
 }
 
 /// An entry folder's name: `<unix ms, 13 digits>-<tag, 10 digits>`, so name order is time order.
@@ -243,11 +289,14 @@ impl Store {
         }
         entries.sort();
         let total = entries.iter().map(|e| e.1).sum();
+        let names = entries.iter().map(|e| e.0.clone()).collect();
         let mut s = Self {
             dir: dir.to_path_buf(),
             budget,
             entries: entries.into(),
+            names,
             total,
+            products: Vec::new(),
         };
         s.trim();
         Ok(s)
@@ -256,27 +305,62 @@ impl Store {
     /// Remove the oldest entries until the folder is within its budget.
     fn trim(&mut self) {
         while self.total > self.budget {
-            let Some((name, size)) = self.entries.pop_front() else {
+            if !self.remove_oldest() {
                 break;
-            };
-            if let Err(e) = std::fs::remove_dir_all(self.dir.join(&name)) {
-                log::warn!("archive: cannot remove {name}: {e}");
             }
-            self.total = self.total.saturating_sub(size);
+        }
+    }
+
+    fn remove_oldest(&mut self) -> bool {
+        let Some((name, size)) = self.entries.pop_front() else {
+            return false;
+        };
+        if let Err(e) = std::fs::remove_dir_all(self.dir.join(&name)) {
+            log::warn!("archive: cannot remove {name}: {e}");
+        }
+        self.names.remove(&name);
+        self.total = self.total.saturating_sub(size);
+        true
+    }
+
+    /// [`Store::write`], and when the disk is full, once more after removing the oldest
+    /// entries that make room for one more of this size.
+    fn add(&mut self, r: &ResultRecord, c: Option<&Capture>) -> Result<(), String> {
+        match self.write(r, c) {
+            Err(e) if e.contains("No space left") => {
+                let need = self.entries.back().map_or(1 << 20, |e| 2 * e.1);
+                let mut freed = 0;
+                while freed < need {
+                    let before = self.total;
+                    if !self.remove_oldest() {
+                        break;
+                    }
+                    freed += before - self.total;
+                }
+                self.write(r, c)
+            }
+            other => other,
         }
     }
 
     /// Write one entry atomically, then trim to the budget.
-    fn add(&mut self, r: &ResultRecord, c: Option<&Capture>) -> Result<(), String> {
+    fn write(&mut self, r: &ResultRecord, c: Option<&Capture>) -> Result<(), String> {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default();
         let unix_ms = now.as_millis() as u64;
-        let mut name = format!("{unix_ms:013}-{:010}", r.tag);
         // Two entries in one millisecond with one tag (a wrapped counter): keep both.
-        while self.entries.iter().any(|(n, _)| *n == name) {
-            name = format!("{:013}-{:010}", unix_ms + 1, r.tag);
+        let mut ms = unix_ms;
+        let mut name = format!("{ms:013}-{:010}", r.tag);
+        while self.names.contains(&name) {
+            ms += 1;
+            name = format!("{ms:013}-{:010}", r.tag);
         }
+        let product_name = self
+            .products
+            .iter()
+            .find(|p| p.0 == r.product)
+            .map(|p| p.1.clone());
         let tmp = self.dir.join(format!(".tmp-{name}"));
         let fin = self.dir.join(&name);
         let io = |what: &str, e: &dyn std::fmt::Display| format!("{what}: {e}");
@@ -291,7 +375,7 @@ impl Store {
             let t = c.map(|c| &c.inspection.timings);
             let record = serde_json::json!({
                 "tag": r.tag,
-                "product": { "id": r.product, "name": c.map(|c| c.product_name.as_str()) },
+                "product": { "id": r.product, "name": product_name },
                 "time": rfc3339_utc(now.as_secs(), now.subsec_millis()),
                 "unix_ms": unix_ms,
                 "verdict": r.outcome,
@@ -304,16 +388,20 @@ impl Store {
                 "heatmap": c.map(|_| "heatmap.jpg"),
             });
             let text = serde_json::to_string_pretty(&record).map_err(|e| io("record", &e))?;
-            write_synced(&tmp.join("record.json"), text.as_bytes())
+            write_synced(&tmp.join("record.json"), text.as_bytes())?;
+            sync_dir(&tmp)
         })();
         if let Err(e) = result.and_then(|()| {
-            std::fs::rename(&tmp, &fin).map_err(|e| io(&fin.display().to_string(), &e))
+            std::fs::rename(&tmp, &fin).map_err(|e| io(&fin.display().to_string(), &e))?;
+            sync_dir(&self.dir)
         }) {
             let _ = std::fs::remove_dir_all(&tmp);
             return Err(e);
         }
-        self.total += dir_size(&fin);
-        self.entries.push_back((name, dir_size(&fin)));
+        let size = dir_size(&fin);
+        self.total += size;
+        self.names.insert(name.clone());
+        self.entries.push_back((name, size));
         self.trim();
         Ok(())
     }
@@ -443,13 +531,23 @@ mod tests {
     #[test]
     fn keep_rules() {
         let table = [
-            (ArchiveKeep::Ng, [false, true, false]),
-            (ArchiveKeep::Rejected, [false, true, true]),
-            (ArchiveKeep::All, [true, true, true]),
-            (ArchiveKeep::None, [false, false, false]),
+            (ArchiveKeep::Ng, [false, true, false, false]),
+            (ArchiveKeep::Rejected, [false, true, true, false]),
+            (ArchiveKeep::All, [true, true, true, false]),
+            (ArchiveKeep::None, [false, false, false, false]),
         ];
+        let not_running = ResultRecord {
+            cause: Some(ErrCause::NotRunning),
+            ..rec(1, Outcome::Err)
+        };
         for (k, want) in table {
-            let got = [Outcome::Ok, Outcome::Ng, Outcome::Err].map(|o| keeps(k, o));
+            let got = [
+                rec(1, Outcome::Ok),
+                rec(1, Outcome::Ng),
+                rec(1, Outcome::Err),
+                not_running,
+            ]
+            .map(|r| keeps(k, &r));
             assert_eq!(got, want, "{k:?}");
         }
     }
@@ -461,6 +559,7 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let dir = t.path().join("a");
         let mut s = Store::open(&dir, 1 << 20).unwrap();
+        s.products = vec![(2, "tile".into())];
         for tag in 1..=5 {
             s.add(&rec(tag, Outcome::Err), None).unwrap();
         }
@@ -472,10 +571,11 @@ mod tests {
             .collect();
         assert_eq!(tags, vec![5, 4, 3, 2, 1]);
         assert_eq!(entries[0].verdict(), "ERR");
-        assert_eq!(entries[0].product(), (2, ""));
+        assert_eq!(entries[0].product(), (2, "tile"));
         assert_eq!(entries[0].record["cause"], "deadline");
+        // A record-only entry takes at least its folder's and its file's blocks, not 400 bytes.
         let one = s.entries[0].1;
-        assert!(one > 100, "{one}");
+        assert!(one >= 4096, "{one}");
         // A budget of three entries: reopening trims to it, oldest first.
         std::fs::create_dir_all(dir.join(".tmp-0000000000001-0000000009")).unwrap();
         let s2 = Store::open(&dir, 3 * one + one / 2).unwrap();

@@ -791,6 +791,19 @@ impl LineConfig {
                     return Err("products.select = \"gpio\": needs a [gpio] section".into());
                 }
                 in_range("products.gpio_lines (count)", ps.gpio_lines.len() as u64, 1, 10)?;
+                let g = self.gpio.as_ref().expect("checked above");
+                let used: Vec<&super::gpio::PinSpec> = g
+                    .trigger
+                    .iter()
+                    .chain(g.outputs().map(|(_, p)| p))
+                    .collect();
+                for (i, p) in ps.gpio_lines.iter().enumerate() {
+                    if ps.gpio_lines[..i].contains(p) || used.contains(&p) {
+                        return Err(format!(
+                            "products.gpio_lines[{i}]: {p:?} is used twice (another code line, the trigger or an output)"
+                        ));
+                    }
+                }
             }
             _ if has_gpio_lines => {
                 return Err(format!(
@@ -991,6 +1004,14 @@ mod tests {
             (format!("[products]\nselect = \"serial\"\n{TWO}"), "products.select = \"serial\": needs [serial]"),
             (format!("[products]\nselect = \"gpio\"\n{TWO}"), "products.select = \"gpio\": needs a [gpio] section"),
             (format!("[products]\nselect = \"modbus\"\ngpio_lines = [29]\n{TWO}"), "products.gpio_lines: only for select = \"gpio\""),
+            (
+                format!("[gpio]\ntrigger = 29\n[trigger]\nkind = \"gpio\"\n[products]\nselect = \"gpio\"\ngpio_lines = [31, 31]\n{TWO}"),
+                "products.gpio_lines[1]: Header(31) is used twice",
+            ),
+            (
+                format!("[gpio]\ntrigger = 29\n[trigger]\nkind = \"gpio\"\n[products]\nselect = \"gpio\"\ngpio_lines = [29]\n{TWO}"),
+                "products.gpio_lines[0]: Header(29) is used twice",
+            ),
             (format!("[products]\nselect = \"modbus\"\ninitial = 7\n{TWO}"), "products.initial: 7"),
             (format!("[products]\nselect = \"auto2\"\n{TWO}"), "unknown variant `auto2`"),
             ("[products]\nselect = \"modbus\"\n[[product]]\nid = 0\nname = \"a\"\nbank = \"a\"\n".into(), "product[0].id: 0 is outside 1–999"),

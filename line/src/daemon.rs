@@ -85,14 +85,10 @@ fn load(config_path: &Path, health: &Arc<Health>) -> Result<Loaded> {
     };
     let products = cfg.product_list();
     let (mut judge, infos) = Judge::load(&opts, &products, !cfg.product.is_empty())?;
-    let archive = match &cfg.archive {
-        None => None,
-        Some(a) => crate::archive::start(a, health.clone()).map_err(|source| LineError::Open {
-            field: "archive.dir",
-            path: a.dir.clone(),
-            source,
-        })?,
-    };
+    let archive = cfg.archive.as_ref().and_then(|a| {
+        let names = infos.iter().map(|p| (p.id, p.name.clone())).collect();
+        crate::archive::start(a, health.clone(), names)
+    });
     let (tap, archive_sink) = archive.unzip();
     judge.set_archive(tap);
     let active = match cfg.products.as_ref().and_then(|p| p.initial) {

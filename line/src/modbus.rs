@@ -178,10 +178,13 @@ pub fn handle_pdu(
                 }) {
                     return exception(fc, ILLEGAL_VALUE);
                 }
-                for i in 0..count {
-                    if let Err(code) =
-                        apply(Write::Register(start + i as u16, be16(&data[2 * i..])))
-                    {
+                // PRODUCT_SELECT first: it is the one the line may refuse, and a refused
+                // request must change nothing (COMMAND is applied only after it passed).
+                let mut order: Vec<usize> = (0..count).collect();
+                order.sort_by_key(|&i| start + i as u16 != 101);
+                for i in order {
+                    let w = Write::Register(start + i as u16, be16(&data[2 * i..]));
+                    if let Err(code) = apply(w) {
                         return exception(fc, code);
                     }
                 }
@@ -444,7 +447,8 @@ mod tests {
             handle_pdu(&[3, 0, 101, 0, 1], &regs, &mut apply),
             vec![3, 2, 0, 1]
         );
-        // FC16 over COMMAND and PRODUCT_SELECT: each checked, the refusal answered.
+        // FC16 over COMMAND and PRODUCT_SELECT: PRODUCT_SELECT first, and its refusal leaves
+        // COMMAND unapplied (a refused request changes nothing).
         assert_eq!(
             handle_pdu(&[16, 0, 100, 0, 2, 4, 0, 3, 0, 5], &regs, &mut apply),
             vec![0x90, 3]
@@ -455,7 +459,6 @@ mod tests {
                 Write::Register(100, 2),
                 Write::Register(101, 1),
                 Write::Register(101, 9),
-                Write::Register(100, 3),
                 Write::Register(101, 5),
             ]
         );

@@ -16,7 +16,6 @@ use std::path::Path;
 
 /// One product's verdict rule.
 struct Rule {
-    name: String,
     /// Scores above are NG: the product's override or its bank's threshold.
     threshold: f64,
     scale: Scale,
@@ -70,7 +69,7 @@ impl Judge {
             let header = insp.header_of(index).expect("bank just loaded");
             let threshold = p.threshold.unwrap_or(header.threshold.value);
             log::info!(
-                "product {} ({}): bank {} ({:.1} MB in memory, CRC-32 {:08x}), threshold {:.4}{}",
+                "product {} ({}): bank {} ({:.1} MB of reference features, CRC-32 {:08x}), threshold {:.4}{}",
                 p.id,
                 p.name,
                 p.bank.display(),
@@ -84,7 +83,6 @@ impl Judge {
                 }
             );
             rules.push(Rule {
-                name: p.name.clone(),
                 threshold,
                 scale: Scale::for_threshold(header.threshold.normal_min, threshold),
             });
@@ -102,7 +100,7 @@ impl Judge {
             .map(|i| inspector.bank_bytes(i))
             .sum();
         log::info!(
-            "{} product(s) loaded, banks {:.1} MB in memory together",
+            "{} product(s) loaded, {:.1} MB of reference features together",
             infos.len(),
             total as f64 / 1e6
         );
@@ -146,7 +144,6 @@ impl Judge {
                     inspection: insp,
                     threshold: rule.threshold,
                     scale: rule.scale,
-                    product_name: rule.name.clone(),
                 });
             }
         }
