@@ -29,20 +29,6 @@ fn calibrate_demo(images: &Path, out: &Path, extra: &[&str]) -> Output {
     run(&args)
 }
 
-/// `../shared/data/magnetic_tile`, or `None` (with a SKIPPED line) outside CI when it is absent.
-fn magnetic_tile() -> Option<PathBuf> {
-    let shared = root().join("../shared/data/magnetic_tile");
-    if shared.is_dir() {
-        return Some(shared);
-    }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "../shared/data/magnetic_tile missing in CI"
-    );
-    eprintln!("SKIPPED: ../shared/data/magnetic_tile absent");
-    None
-}
-
 /// `inspect --json` over an MVTec-layout test folder: scores of `good/` and of the defect folders.
 fn inspect_scores(model: &Path, bank: &Path, test: &Path) -> (Vec<f64>, Vec<f64>) {
     let out = ok(&[

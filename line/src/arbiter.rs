@@ -14,20 +14,22 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// What the inspection stage says about a part.
-pub type StageResult = Result<(f32, bool), ErrCause>;
+/// What the inspection stage says about a part: `(score, ng, product index)` (the product it was
+/// inspected as: the one asked for, or the one recognised), or why there is no verdict.
+pub type StageResult = Result<(f32, bool, usize), ErrCause>;
 
 /// The inspection stage: frame + model for one tag. `Ok((score, ng))`, or why there is no verdict.
 pub trait Stage: Send {
     /// Inspect the part of `tag` as product `product` (an index in [`Status::products`]: the
-    /// product in effect at the part's trigger, whatever was selected since).
-    fn inspect(&mut self, tag: u32, product: usize) -> StageResult;
+    /// product in effect at the part's trigger, whatever was selected since), or, with `None`
+    /// (`select = "auto"`), as the product the stage recognises in the frame.
+    fn inspect(&mut self, tag: u32, product: Option<usize>) -> StageResult;
     /// The self-test (line-side.md §6.2): a frame of the source scored by the model to a finite
     /// number, through the same path as a part, with the active product. `Err` carries the
     /// ERROR_CODE. Run at start and after every FAULT_ACK, so a line never returns to Running
     /// on trust.
     fn self_test(&mut self, product: usize) -> Result<(), u16> {
-        self_test_outcome(self.inspect(0, product))
+        self_test_outcome(self.inspect(0, Some(product)))
     }
 }
 
@@ -67,6 +69,7 @@ impl ProductRefusal {
             ProductRefusal::OtherSelect(SelectKind::Modbus) => "SELECT_IS_MODBUS",
             ProductRefusal::OtherSelect(SelectKind::Serial) => "SELECT_IS_SERIAL",
             ProductRefusal::OtherSelect(SelectKind::Gpio) => "SELECT_IS_GPIO",
+            ProductRefusal::OtherSelect(SelectKind::Auto) => "SELECT_IS_AUTO",
             ProductRefusal::Busy => "BUSY",
         }
     }
@@ -89,8 +92,8 @@ impl std::fmt::Display for ProductRefusal {
 /// 0x0203, anything else (inference, a non-finite score) 0x0402.
 pub fn self_test_outcome(r: StageResult) -> Result<(), u16> {
     match r {
-        Ok((score, _)) if score.is_finite() => Ok(()),
-        Ok((score, _)) => {
+        Ok((score, _, _)) if score.is_finite() => Ok(()),
+        Ok((score, _, _)) => {
             log::error!("self-test: score {score} is not finite");
             Err(code::SELF_TEST)
         }
@@ -102,7 +105,7 @@ pub fn self_test_outcome(r: StageResult) -> Result<(), u16> {
 /// Work for the stage's thread.
 #[derive(Debug, Clone, Copy)]
 enum Job {
-    Inspect(u32, usize),
+    Inspect(u32, Option<usize>),
     SelfTest(usize),
 }
 
@@ -402,6 +405,7 @@ fn arbiter(
                 let unresolved = pending.len();
                 // The product in effect at this trigger: the selected one, or the code on the
                 // product inputs now (gpio).
+                let auto = timing.select == Some(SelectKind::Auto);
                 let product = match product_input.as_mut().map(|read| read()) {
                     None => Ok(st.active),
                     Some(Ok(code)) => st.product_index(code).ok_or(ErrCause::UnknownProduct),
@@ -410,7 +414,11 @@ fn arbiter(
                         Err(ErrCause::ProductInput)
                     }
                 };
-                let product_id = product.map_or(0, |i| st.products[i].id);
+                // Auto: the stage says which product it recognised (0 until then).
+                let product_id = match product {
+                    Ok(i) if !auto => st.products[i].id,
+                    _ => 0,
+                };
                 if let Ok(i) = product {
                     if product_input.is_some() && i != st.active {
                         log::info!(
@@ -427,7 +435,10 @@ fn arbiter(
                     Some((Outcome::Err, f32::NAN, Some(cause)))
                 } else if unresolved >= timing.fifo
                     || jobs
-                        .try_send(Job::Inspect(tag, product.unwrap_or(st.active)))
+                        .try_send(Job::Inspect(
+                            tag,
+                            (!auto).then(|| product.unwrap_or(st.active)),
+                        ))
                         .is_err()
                 {
                     st.counters.overruns = st.counters.overruns.wrapping_add(1);
@@ -451,11 +462,20 @@ fn arbiter(
                 match slot.map(|i| &mut fifo[i]) {
                     Some(e) => {
                         pending.retain(|&(t, _)| t != tag);
+                        if let Ok((_, _, i)) = r {
+                            if let Some(p) = st.products.get(i) {
+                                e.product = p.id;
+                                // Auto: the product last recognised is the active one.
+                                if timing.select == Some(SelectKind::Auto) {
+                                    st.active = i;
+                                }
+                            }
+                        }
                         e.result = Some(match r {
-                            Ok((score, ng)) if score.is_finite() => {
+                            Ok((score, ng, _)) if score.is_finite() => {
                                 (if ng { Outcome::Ng } else { Outcome::Ok }, score, None)
                             }
-                            Ok((score, _)) => (Outcome::Err, score, Some(ErrCause::Inference)),
+                            Ok((score, _, _)) => (Outcome::Err, score, Some(ErrCause::Inference)),
                             Err(cause) => (Outcome::Err, f32::NAN, Some(cause)),
                         });
                     }
@@ -677,7 +697,7 @@ mod tests {
         fail_tags: Vec<u32>,
     }
     impl Stage for Fake {
-        fn inspect(&mut self, tag: u32, _product: usize) -> StageResult {
+        fn inspect(&mut self, tag: u32, _product: Option<usize>) -> StageResult {
             if self.stall_tags.contains(&tag) {
                 std::thread::sleep(Duration::from_millis(600));
             }
@@ -685,7 +705,7 @@ mod tests {
             if self.fail_tags.contains(&tag) {
                 return Err(ErrCause::Capture);
             }
-            Ok((tag as f32 / 100.0, tag.is_multiple_of(5)))
+            Ok((tag as f32 / 100.0, tag.is_multiple_of(5), 0))
         }
     }
 
@@ -829,10 +849,12 @@ mod product_tests {
     /// the product changes.
     struct Recording(Arc<Mutex<Vec<(u32, usize)>>>);
     impl Stage for Recording {
-        fn inspect(&mut self, tag: u32, product: usize) -> StageResult {
+        fn inspect(&mut self, tag: u32, product: Option<usize>) -> StageResult {
             std::thread::sleep(Duration::from_millis(30));
-            self.0.lock().unwrap().push((tag, product));
-            Ok((0.5, false))
+            // None (auto): "recognises" tag parity.
+            let p = product.unwrap_or(tag as usize % 2);
+            self.0.lock().unwrap().push((tag, p));
+            Ok((0.5, false, p))
         }
     }
 
@@ -956,6 +978,41 @@ mod product_tests {
         assert_eq!(*seen.lock().unwrap(), vec![(1, 1), (4, 0)]);
     }
 
+    /// Auto: the stage recognises the product; the result carries it, ACTIVE_PRODUCT follows
+    /// the last recognised one, and selecting by Modbus is refused.
+    #[test]
+    fn auto_results_carry_the_recognised_product() {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let out = Arc::new(Mutex::new(Vec::new()));
+        let (h, join) = start(
+            LineTiming {
+                select: Some(SelectKind::Auto),
+                ..T
+            },
+            Box::new(Recording(seen.clone())),
+            vec![Box::new(Collect(out.clone()))],
+            two_products(),
+        );
+        h.self_test(Ok(()));
+        std::thread::sleep(Duration::from_millis(20));
+        for _ in 0..3 {
+            h.trigger();
+        }
+        assert_eq!(
+            h.select_product(3, SelectKind::Modbus),
+            Err(ProductRefusal::OtherSelect(SelectKind::Auto))
+        );
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(h.status().active_product().id, 7);
+        h.shutdown();
+        join.join().unwrap();
+        let v = out.lock().unwrap().clone();
+        assert_eq!(
+            v.iter().map(|r| (r.tag, r.product)).collect::<Vec<_>>(),
+            vec![(1, 7), (2, 3), (3, 7)]
+        );
+    }
+
     struct Collect(Arc<Mutex<Vec<ResultRecord>>>);
     impl Sink for Collect {
         fn emit(&mut self, r: &ResultRecord) {
@@ -975,9 +1032,9 @@ mod fault_tests {
         self_test_ok: Arc<Mutex<bool>>,
     }
     impl Stage for Slow {
-        fn inspect(&mut self, _tag: u32, _product: usize) -> StageResult {
+        fn inspect(&mut self, _tag: u32, product: Option<usize>) -> StageResult {
             std::thread::sleep(self.delay);
-            Ok((0.1, false))
+            Ok((0.1, false, product.unwrap_or(0)))
         }
         fn self_test(&mut self, _product: usize) -> Result<(), u16> {
             let ok = *self.self_test_ok.lock().unwrap();

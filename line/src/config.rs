@@ -87,6 +87,8 @@ pub enum SelectKind {
     Serial,
     /// A binary code on `products.gpio_lines`, read at each trigger.
     Gpio,
+    /// Recognised from each frame (its global features against each product's references).
+    Auto,
 }
 
 impl SelectKind {
@@ -96,6 +98,7 @@ impl SelectKind {
             SelectKind::Modbus => "modbus",
             SelectKind::Serial => "serial",
             SelectKind::Gpio => "gpio",
+            SelectKind::Auto => "auto",
         }
     }
 }
@@ -104,7 +107,7 @@ impl SelectKind {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProductsSection {
-    /// modbus | serial | gpio.
+    /// modbus | serial | gpio | auto.
     pub select: SelectKind,
     /// The product active at start (default: the first `[[product]]`).
     #[serde(default)]
@@ -786,6 +789,9 @@ impl LineConfig {
             SelectKind::Serial if self.serial.is_none() => {
                 return Err("products.select = \"serial\": needs [serial] (the PRODUCT command)".into())
             }
+            SelectKind::Auto if self.product_list().len() < 2 => {
+                return Err("products.select = \"auto\": needs at least 2 [[product]] entries to tell apart".into())
+            }
             SelectKind::Gpio => {
                 if self.gpio.is_none() {
                     return Err("products.select = \"gpio\": needs a [gpio] section".into());
@@ -1013,6 +1019,7 @@ mod tests {
                 "products.gpio_lines[0]: Header(29) is used twice",
             ),
             (format!("[products]\nselect = \"modbus\"\ninitial = 7\n{TWO}"), "products.initial: 7"),
+            ("[products]\nselect = \"auto\"\n[[product]]\nid = 1\nname = \"a\"\nbank = \"a\"\n".into(), "products.select = \"auto\": needs at least 2"),
             (format!("[products]\nselect = \"auto2\"\n{TWO}"), "unknown variant `auto2`"),
             ("[products]\nselect = \"modbus\"\n[[product]]\nid = 0\nname = \"a\"\nbank = \"a\"\n".into(), "product[0].id: 0 is outside 1–999"),
             ("[products]\nselect = \"modbus\"\n[[product]]\nid = 1000\nname = \"a\"\nbank = \"a\"\n".into(), "product[0].id: 1000"),

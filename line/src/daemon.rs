@@ -36,7 +36,7 @@ struct InspectStage {
 }
 
 impl Stage for InspectStage {
-    fn inspect(&mut self, tag: u32, product: usize) -> StageResult {
+    fn inspect(&mut self, tag: u32, product: Option<usize>) -> StageResult {
         let p = &self.frames[self.next % self.frames.len()];
         self.next += 1;
         let img = Rgb8::open(p).map_err(|e| {
@@ -50,7 +50,7 @@ impl Stage for InspectStage {
     fn self_test(&mut self, product: usize) -> Result<(), u16> {
         let saved = self.next;
         self.next = 0;
-        let r = arbiter::self_test_outcome(self.inspect(0, product));
+        let r = arbiter::self_test_outcome(self.inspect(0, Some(product)));
         self.next = saved;
         r
     }
@@ -85,6 +85,13 @@ fn load(config_path: &Path, health: &Arc<Health>) -> Result<Loaded> {
     };
     let products = cfg.product_list();
     let (mut judge, infos) = Judge::load(&opts, &products, !cfg.product.is_empty())?;
+    if cfg
+        .products
+        .as_ref()
+        .is_some_and(|p| p.select == crate::config::SelectKind::Auto)
+    {
+        judge.enable_recognition(&products)?;
+    }
     let archive = cfg.archive.as_ref().and_then(|a| {
         let names = infos.iter().map(|p| (p.id, p.name.clone())).collect();
         crate::archive::start(a, health.clone(), names)

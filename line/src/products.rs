@@ -119,20 +119,72 @@ impl Judge {
         self.archive = tap;
     }
 
-    /// Inspect the frame of `tag` as product `product` (index): its score and whether it is NG
-    /// by that product's threshold.
-    pub fn judge(&mut self, tag: u32, product: usize, img: &Rgb8, path: &Path) -> StageResult {
+    /// `select = "auto"`: prepare recognising the products from frames (each bank's signature,
+    /// logged); a bank that cannot be recognised is refused naming its product.
+    pub fn enable_recognition(&mut self, products: &[ProductSection]) -> Result<()> {
+        self.inspector.enable_recognition().map_err(|(i, e)| {
+            let p = &products[i.min(products.len() - 1)];
+            LineError::Product {
+                index: i,
+                id: p.id,
+                name: p.name.clone(),
+                source: Box::new(edge_ad::Error::Invalid(e.to_string())),
+            }
+        })?;
+        for (p, s) in products
+            .iter()
+            .zip(self.inspector.signatures().unwrap_or(&[]))
+        {
+            log::info!(
+                "product {} ({}): recognised from {} reference descriptors on level {}, radius {:.4}, gap to the next product {:.4}: accepted within {:.4}",
+                p.id,
+                p.name,
+                s.descriptors.len(),
+                s.level,
+                s.radius,
+                s.gap,
+                s.limit()
+            );
+        }
+        Ok(())
+    }
+
+    /// Inspect the frame of `tag` as product `product` (index), or as the product recognised
+    /// in it (`None`): its score, whether it is NG by that product's threshold, and the product.
+    pub fn judge(
+        &mut self,
+        tag: u32,
+        product: Option<usize>,
+        img: &Rgb8,
+        path: &Path,
+    ) -> StageResult {
+        let inference = |e: edge_ad::Error| {
+            log::warn!("tag {tag}: inference: {e}");
+            ErrCause::Inference
+        };
+        let (product, insp) = match product {
+            Some(p) => (
+                p,
+                self.inspector
+                    .inspect_with(p, img, path)
+                    .map_err(inference)?
+                    .0,
+            ),
+            None => match self.inspector.inspect_auto(img, path).map_err(inference)? {
+                (rec, Some((insp, _))) => (rec.bank.unwrap_or(0), insp),
+                (rec, None) => {
+                    log::warn!(
+                        "tag {tag}: the frame matches no product (distances {:?})",
+                        rec.distances
+                    );
+                    return Err(ErrCause::Unrecognised);
+                }
+            },
+        };
         let Some(rule) = self.rules.get(product) else {
             log::warn!("tag {tag}: product index {product} is not loaded");
             return Err(ErrCause::Inference);
         };
-        let (insp, _) = self
-            .inspector
-            .inspect_with(product, img, path)
-            .map_err(|e| {
-                log::warn!("tag {tag}: inference: {e}");
-                ErrCause::Inference
-            })?;
         let score = insp.score;
         let ng = !score.is_finite() || score as f64 > rule.threshold;
         // Tag 0 is the self-test's frame: never a part, never archived.
@@ -147,6 +199,6 @@ impl Judge {
                 });
             }
         }
-        Ok((score, ng))
+        Ok((score, ng, product))
     }
 }

@@ -73,6 +73,8 @@ pub enum ErrCause {
     UnknownProduct = 0x0701,
     /// The product code inputs could not be read at the trigger (0x0702).
     ProductInput = 0x0702,
+    /// `select = "auto"`: the frame is close to no configured product (0x0703).
+    Unrecognised = 0x0703,
 }
 
 /// Error codes that are not a tag's cause (ERROR_CODE register, docs/line.md).

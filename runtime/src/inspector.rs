@@ -981,6 +981,19 @@ struct LoadedBank {
 pub struct Inspector {
     pipeline: Pipeline,
     banks: Vec<LoadedBank>,
+    /// Per bank, for recognising the product (`select = "auto"`).
+    signatures: Option<Vec<crate::recognise::Signature>>,
+}
+
+/// Bank `i`, or an error (never a panic) past the banks loaded.
+fn bank_at(banks: &[LoadedBank], i: usize) -> Result<&LoadedBank> {
+    banks
+        .get(i)
+        .ok_or_else(|| Error::Invalid(format!("bank {i} asked for, {} loaded", banks.len())))
+}
+
+fn ms_since(t: std::time::Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1e3
 }
 
 impl Inspector {
@@ -1016,6 +1029,7 @@ impl Inspector {
         Ok(Self {
             pipeline,
             banks: vec![bank],
+            signatures: None,
         })
     }
 
@@ -1053,6 +1067,7 @@ impl Inspector {
         let file = BankFile::load(bank_path)?;
         let bank = Self::prepare(&self.pipeline, file, bank_path)?;
         self.banks.push(bank);
+        self.signatures = None;
         Ok(self.banks.len() - 1)
     }
 
@@ -1102,39 +1117,99 @@ impl Inspector {
         img: &Rgb8,
         path: &Path,
     ) -> Result<(Inspection, Verdict)> {
-        let Some(loaded) = self.banks.get(bank) else {
-            return Err(Error::Invalid(format!(
-                "bank {bank} asked for, {} loaded",
-                self.banks.len()
-            )));
-        };
+        let loaded = bank_at(&self.banks, bank)?;
         let insp = match &loaded.refs {
             References::Fixed(bank) => self.pipeline.inspect(img, path, bank)?,
-            References::Aligned(pool) => {
+            References::Aligned(_) => {
                 let t0 = std::time::Instant::now();
                 let frame = self.pipeline.frame_features(img, path)?;
-                let t1 = std::time::Instant::now();
-                let desc = &self.pipeline.description().desc;
-                let (bank, _) = self
-                    .pipeline
-                    .pool()
-                    .install(|| pool.bank_for(desc, &frame))?;
-                let t2 = std::time::Instant::now();
-                let mut insp = self.pipeline.score_frame(&frame, &bank)?;
-                let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+                let mut insp = self.score_features(bank, &frame)?;
                 // Preparation and backbone are timed together on this path.
-                insp.timings.backbone_ms = ms(t1 - t0);
-                insp.timings.align_ms = ms(t2 - t1);
-                insp.timings.total_ms += ms(t2 - t0);
+                insp.timings.backbone_ms = ms_since(t0) - insp.timings.total_ms;
+                insp.timings.total_ms = ms_since(t0);
                 insp
             }
         };
-        let v = if loaded.file.header.threshold.rejects(insp.score as f64) {
+        Ok(self.verdict(bank, insp))
+    }
+
+    fn verdict(&self, bank: usize, insp: Inspection) -> (Inspection, Verdict) {
+        let v = if self.banks[bank]
+            .file
+            .header
+            .threshold
+            .rejects(insp.score as f64)
+        {
             Verdict::Ng
         } else {
             Verdict::Ok
         };
-        Ok((insp, v))
+        (insp, v)
+    }
+
+    /// Score a frame's features against bank `bank` (aligned banks first choose the frame's
+    /// references); timings cover the align stage and the kernels.
+    fn score_features(&mut self, bank: usize, frame: &FrameFeatures) -> Result<Inspection> {
+        let loaded = bank_at(&self.banks, bank)?;
+        match &loaded.refs {
+            References::Fixed(b) => self.pipeline.score_frame(frame, b),
+            References::Aligned(pool) => {
+                let t1 = std::time::Instant::now();
+                let desc = &self.pipeline.description().desc;
+                let (b, _) = self
+                    .pipeline
+                    .pool()
+                    .install(|| pool.bank_for(desc, frame))?;
+                let align = ms_since(t1);
+                let mut insp = self.pipeline.score_frame(frame, &b)?;
+                insp.timings.align_ms = align;
+                insp.timings.total_ms += align;
+                Ok(insp)
+            }
+        }
+    }
+
+    /// Compute the recognition signature of every bank (`select = "auto"`); an error gives the
+    /// index of the bank that cannot be recognised (fewer than two reference images).
+    pub fn enable_recognition(
+        &mut self,
+    ) -> std::result::Result<(), (usize, crate::recognise::SignatureError)> {
+        let mut sigs = Vec::with_capacity(self.banks.len());
+        for (i, b) in self.banks.iter().enumerate() {
+            sigs.push(crate::recognise::Signature::of(&b.file).map_err(|e| (i, e))?);
+        }
+        crate::recognise::set_gaps(&mut sigs);
+        self.signatures = Some(sigs);
+        Ok(())
+    }
+
+    /// The recognition signatures, once [`Inspector::enable_recognition`] ran.
+    pub fn signatures(&self) -> Option<&[crate::recognise::Signature]> {
+        self.signatures.as_deref()
+    }
+
+    /// Recognise which bank (product) the frame shows, then inspect it against that bank, from
+    /// one backbone pass: `None` for the inspection when no product is close enough.
+    pub fn inspect_auto(
+        &mut self,
+        img: &Rgb8,
+        path: &Path,
+    ) -> Result<(crate::recognise::Recognition, Option<(Inspection, Verdict)>)> {
+        if self.signatures.is_none() {
+            self.enable_recognition()
+                .map_err(|(i, e)| Error::Invalid(format!("bank {i}: {e}")))?;
+        }
+        let t0 = std::time::Instant::now();
+        let frame = self.pipeline.frame_features(img, path)?;
+        let backbone = ms_since(t0);
+        let rec = crate::recognise::recognise(self.signatures.as_deref().unwrap_or(&[]), &frame);
+        let Some(bank) = rec.bank else {
+            return Ok((rec, None));
+        };
+        let mut insp = self.score_features(bank, &frame)?;
+        insp.timings.backbone_ms = backbone;
+        insp.timings.total_ms = ms_since(t0);
+        Ok((rec, Some(self.verdict(bank, insp))))
     }
 }
 

@@ -13,6 +13,7 @@ pub mod inspector;
 pub mod model;
 pub mod pipeline;
 pub mod preprocess;
+pub mod recognise;
 pub mod report;
 pub mod synthetic;
 

@@ -101,3 +101,17 @@ pub fn demo_bank(dir: &Path) -> PathBuf {
     ]);
     b
 }
+
+/// `../shared/data/magnetic_tile`, or `None` (with a SKIPPED line) outside CI when it is absent.
+pub fn magnetic_tile() -> Option<PathBuf> {
+    let shared = root().join("../shared/data/magnetic_tile");
+    if shared.is_dir() {
+        return Some(shared);
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "../shared/data/magnetic_tile missing in CI"
+    );
+    eprintln!("SKIPPED: ../shared/data/magnetic_tile absent");
+    None
+}
