@@ -794,11 +794,11 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), BankFileError> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::threshold::ThresholdRule;
 
-    fn sample() -> BankFile {
+    pub(crate) fn sample() -> BankFile {
         let id = Identity {
             onnx_sha256: "aa".into(),
             model_sha256: "bb".into(),

@@ -9,10 +9,12 @@
 
 pub mod aligned;
 pub mod bankfile;
+pub mod bankset;
 pub mod metrics;
 pub mod select;
 pub mod threshold;
 
 pub use bankfile::{BankFile, BankFileError, BankHeader, Identity, LevelData, LevelInfo};
+pub use bankset::BankSet;
 pub use select::Selection;
 pub use threshold::{DefectStats, Threshold, ThresholdRule};

@@ -192,8 +192,14 @@ struct CalibrateArgs {
     #[arg(long)]
     report: Option<PathBuf>,
     /// Folder of normal (good) images, walked recursively.
-    #[arg(long)]
-    images: PathBuf,
+    #[arg(long, required_unless_present = "product", conflicts_with = "product")]
+    images: Option<PathBuf>,
+    /// Several products in one bank file: NAME=DIR, repeated (DIR: that product's good parts).
+    /// Each product is calibrated as with --images (its own references and threshold; the
+    /// other options apply to each); the bank holds them all and the line recognises the
+    /// product per frame. Reports go to OUT.NAME.report.
+    #[arg(long, value_name = "NAME=DIR", conflicts_with_all = ["report", "refs_list", "defects"])]
+    product: Vec<String>,
     /// Bank file to write.
     #[arg(long)]
     out: PathBuf,
@@ -286,8 +292,16 @@ struct EvalArgs {
     #[arg(long, default_value_t = 8)]
     refs: usize,
     /// Data set root.
-    #[arg(long)]
-    data: PathBuf,
+    #[arg(long, required_unless_present = "product", conflicts_with = "product")]
+    data: Option<PathBuf>,
+    /// Several products (NAME=DATA, repeated; DATA holds train/good or good/, and test/<type>):
+    /// each is calibrated as `calibrate --product` does, and every test image is inspected with
+    /// its own bank and through recognition among all products. Prints, per product, the
+    /// recognition (right, taken for another product, none), the image AUROC of the separate
+    /// bank and of the unified bank set, and false rejects / escapes at calibrate's threshold.
+    /// Uses the first --select and --levels.
+    #[arg(long, value_name = "NAME=DATA")]
+    product: Vec<String>,
     /// Framings, comma-separated (default: the description's).
     #[arg(long, value_delimiter = ',')]
     fit: Vec<Fit>,
@@ -652,10 +666,20 @@ fn cmd_calibrate(args: CalibrateArgs) -> Result<()> {
         threshold,
         report: report_dir,
         images,
+        product,
         out,
         bank_dtype,
     } = args;
     let rule = threshold.resolve()?;
+    let products = product
+        .iter()
+        .map(|p| parse_product(p))
+        .collect::<Result<Vec<_>>>()?;
+    for (i, (n, _)) in products.iter().enumerate() {
+        if products[..i].iter().any(|(m, _)| m == n) {
+            anyhow::bail!("--product {n}=…: the name {n} is given twice");
+        }
+    }
     // Fail before the long work if the bank cannot be written there.
     let dir = out
         .parent()
@@ -665,8 +689,8 @@ fn cmd_calibrate(args: CalibrateArgs) -> Result<()> {
         anyhow::bail!("{}: folder {} does not exist", out.display(), dir.display());
     }
     let mut pipeline = model.load()?;
-    let opts = CalibrateOptions {
-        images,
+    let mut opts = CalibrateOptions {
+        images: images.clone().unwrap_or_default(),
         refs,
         refs_list,
         select,
@@ -676,6 +700,9 @@ fn cmd_calibrate(args: CalibrateArgs) -> Result<()> {
         bank_dtype,
         rule,
     };
+    if !products.is_empty() {
+        return calibrate_products(&mut pipeline, &mut opts, &products, &out);
+    }
     let rdir = report_dir.unwrap_or_else(|| {
         let mut p = out.clone().into_os_string();
         p.push(".report");
@@ -690,6 +717,79 @@ fn cmd_calibrate(args: CalibrateArgs) -> Result<()> {
         .context("cannot write the bank and its calibration report")?;
     println!("bank written: {} ({})", out.display(), bank_dtype.name());
     println!("report: {}", rdir.display());
+    Ok(())
+}
+
+/// `--product NAME=DIR`: a product name as the line takes it, and an existing folder.
+fn parse_product(arg: &str) -> Result<(String, PathBuf)> {
+    let Some((name, dir)) = arg.split_once('=') else {
+        anyhow::bail!("--product {arg}: expected NAME=DIR");
+    };
+    if !edge_ad_calibration::bankset::valid_product_name(name) {
+        anyhow::bail!(
+            "--product {arg}: the name {name:?} must be 1–32 letters, digits, '-', '_' or '.'"
+        );
+    }
+    let dir = PathBuf::from(dir);
+    if !dir.is_dir() {
+        anyhow::bail!("--product {arg}: {} is not a folder", dir.display());
+    }
+    Ok((name.to_string(), dir))
+}
+
+/// `calibrate --product …`: each product calibrated in turn, then one bank set and a report per
+/// product (`OUT.NAME.report`) written together.
+fn calibrate_products(
+    pipeline: &mut Pipeline,
+    opts: &mut CalibrateOptions,
+    products: &[(String, PathBuf)],
+    out: &Path,
+) -> Result<()> {
+    let report_of = |name: &str| {
+        let mut p = out.as_os_str().to_owned();
+        p.push(format!(".{name}.report"));
+        PathBuf::from(p)
+    };
+    for (name, _) in products {
+        edge_ad::report::check_report_dir(&report_of(name))?;
+    }
+    let mut done = Vec::with_capacity(products.len());
+    for (name, dir) in products {
+        println!("product {name}: {}", dir.display());
+        opts.images = dir.clone();
+        let (file, report) = calibrate(pipeline, opts, progress_line())
+            .with_context(|| format!("product {name}"))?;
+        let summary = edge_ad::report::summary(&file.header, &report);
+        print!("{summary}");
+        done.push((name.clone(), file, report, summary));
+    }
+    let set = edge_ad_calibration::BankSet {
+        products: done
+            .iter()
+            .map(|(n, f, ..)| (n.clone(), f.clone()))
+            .collect(),
+    };
+    let dirs: Vec<PathBuf> = done.iter().map(|(n, ..)| report_of(n)).collect();
+    let parts: Vec<edge_ad::report::ReportParts<'_>> = done
+        .iter()
+        .zip(&dirs)
+        .map(|((_, f, r, s), d)| (d.as_path(), &f.header, r, s.as_str()))
+        .collect();
+    edge_ad::report::save_with_set(&set, out, &parts)
+        .context("cannot write the bank set and its reports")?;
+    println!(
+        "bank set written: {} ({} products: {})",
+        out.display(),
+        products.len(),
+        products
+            .iter()
+            .map(|p| p.0.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    for d in &dirs {
+        println!("report: {}", d.display());
+    }
     Ok(())
 }
 
@@ -721,31 +821,56 @@ fn cmd_inspect(args: InspectArgs) -> Result<()> {
                 .join(", ")
         );
     }
-    let th = inspector.header().threshold.clone();
-    let scale = Scale::for_threshold(th.normal_min, th.value);
+    // A bank set: the product is recognised per image and printed with it.
+    let names: Option<Vec<String>> = inspector.product_names().map(<[String]>::to_vec);
+    let auto = inspector.bank_count() > 1;
     let mut failures = 0usize;
     let stdout = std::io::stdout();
     for path in &files {
         let result = Rgb8::open(path)
             .map_err(anyhow::Error::from)
             .and_then(|img| {
-                let (insp, verdict) = inspector.inspect(&img, path)?;
-                Ok((img, insp, verdict))
+                if !auto {
+                    let (insp, verdict) = inspector.inspect(&img, path)?;
+                    return Ok((img, insp, verdict, 0));
+                }
+                match inspector.inspect_auto(&img, path)? {
+                    (rec, Some((insp, verdict))) => Ok((img, insp, verdict, rec.bank.unwrap_or(0))),
+                    (rec, None) => anyhow::bail!(
+                        "matches no product of the bank set (cosine distances {})",
+                        rec.distances
+                            .iter()
+                            .map(|d| format!("{d:.3}"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                }
             });
         let mut out = stdout.lock();
         match result {
-            Ok((img, insp, verdict)) => {
+            Ok((img, insp, verdict, bank)) => {
                 let t = insp.timings;
+                let th = inspector
+                    .header_of(bank)
+                    .unwrap_or(inspector.header())
+                    .threshold
+                    .clone();
+                let scale = Scale::for_threshold(th.normal_min, th.value);
+                let product = names.as_ref().and_then(|n| n.get(bank));
                 if json {
-                    let line = serde_json::json!({
+                    let mut line = serde_json::json!({
                         "path": path, "score": insp.score, "verdict": verdict,
                         "threshold": th.value, "ms": t.total_ms, "timings": t,
                     });
+                    if let Some(p) = product {
+                        line["product"] = serde_json::json!(p);
+                    }
                     writeln!(out, "{line}")?;
                 } else {
+                    let product = product.map(|p| format!("  [{p}]")).unwrap_or_default();
                     writeln!(
                             out,
-                            "{}  score {:.4}  {}  {:.1} ms (pre {:.1}, backbone {:.1} for {} pass{}, align {:.1}, residual {:.1}, projector {:.1}, score {:.1})",
+                            "{}{product}  score {:.4}  {}  {:.1} ms (pre {:.1}, backbone {:.1} for {} pass{}, align {:.1}, residual {:.1}, projector {:.1}, score {:.1})",
                             path.display(), insp.score, verdict, t.total_ms, t.preprocess_ms, t.backbone_ms,
                             t.tiles, if t.tiles == 1 { "" } else { "es" }, t.align_ms,
                             t.residual_ms, t.projector_ms, t.score_ms
@@ -799,8 +924,75 @@ fn cmd_eval(args: EvalArgs) -> Result<()> {
         threshold,
         json,
         per_type,
+        product,
     } = args;
     let rule = threshold.resolve()?;
+    if !product.is_empty() {
+        let products = product
+            .iter()
+            .map(|p| parse_product(p))
+            .collect::<Result<Vec<_>>>()?;
+        let opts = PipelineOptions {
+            model,
+            onnx,
+            projector,
+            threads,
+            fit: fit.first().copied(),
+            device,
+        };
+        let co = CalibrateOptions {
+            images: PathBuf::new(),
+            refs,
+            refs_list: None,
+            select: select.first().copied(),
+            seed,
+            levels: levels.first().cloned().unwrap_or(LevelChoice::Model),
+            defects: None,
+            bank_dtype,
+            rule,
+        };
+        let rows = eval::products(Pipeline::load(&opts)?, &products, &co, progress_line())?;
+        let mut out = std::io::stdout().lock();
+        if !json {
+            writeln!(
+                out,
+                "{:<12} {:>5} {:>6} {:>10} {:>5} {:>5} {:>9} {:>9} {:>10} {:>10}",
+                "product",
+                "good",
+                "defect",
+                "recognised",
+                "other",
+                "none",
+                "AUROC-sep",
+                "AUROC-set",
+                "FR/esc-sep",
+                "FR/esc-set"
+            )?;
+        }
+        let f = |a: Option<f64>| a.map_or("-".into(), |v| format!("{v:.3}"));
+        for r in &rows {
+            if json {
+                writeln!(out, "{}", serde_json::to_string(r)?)?;
+            } else {
+                writeln!(
+                    out,
+                    "{:<12} {:>5} {:>6} {:>10} {:>5} {:>5} {:>9} {:>9} {:>10} {:>10}",
+                    r.product,
+                    r.good,
+                    r.defective,
+                    format!("{}/{}", r.recognised, r.good + r.defective),
+                    r.confused,
+                    r.unrecognised,
+                    f(r.auroc_separate),
+                    f(r.auroc_unified),
+                    format!("{}/{}", r.verdicts_separate.0, r.verdicts_separate.1),
+                    format!("{}/{}", r.verdicts_unified.0, r.verdicts_unified.1),
+                )?;
+            }
+        }
+        return Ok(());
+    }
+    let data = data.context("--data is required without --product")?;
     let base = PipelineOptions {
         model,
         onnx,

@@ -1427,3 +1427,194 @@ fn auto_recognises_plates_and_magnetic_tiles() {
     );
     assert_eq!(got, expected, "{log}");
 }
+
+/// One bank for two products (`calibrate --product`): `inspect` names the product recognised
+/// per image, `eval --product` reports recognition and the separate-against-unified AUROC, and
+/// `run` with the set as `model.bank` recognises the product per part; bad `--product`
+/// arguments and a set given as a `[[product]]` bank are refused by name.
+#[test]
+fn a_bank_set_serves_plates_and_magnetic_tiles() {
+    let Some(tiles) = magnetic_tile() else { return };
+    let t = tempfile::tempdir().unwrap();
+    let set = t.path().join("set.eab");
+    let model = demo_model();
+    let plate_arg = format!("plate={}", s(&root().join("demo/images/good")));
+    let tile_arg = format!("tile={}", s(&tiles.join("train/good")));
+    let out = ok(&[
+        "calibrate",
+        "--model",
+        s(&model),
+        "--refs",
+        "4",
+        "--product",
+        &plate_arg,
+        "--product",
+        &tile_arg,
+        "--out",
+        s(&set),
+    ]);
+    assert!(out.contains("bank set written"), "{out}");
+    assert!(t
+        .path()
+        .join("set.eab.plate.report/histogram.png")
+        .is_file());
+    assert!(t.path().join("set.eab.tile.report/summary.txt").is_file());
+    // inspect: each image with the product recognised.
+    let crack_tiles = tiles.join("test/crack");
+    let lines = ok(&[
+        "inspect",
+        "--model",
+        s(&model),
+        "--bank",
+        s(&set),
+        "--json",
+        s(&root().join("demo/images/test/crack")),
+        s(&crack_tiles),
+    ]);
+    let v: Vec<serde_json::Value> = lines
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(v.len() > 4);
+    for x in &v {
+        let p = x["path"].as_str().unwrap();
+        let want = if p.contains("magnetic_tile") {
+            "tile"
+        } else {
+            "plate"
+        };
+        assert_eq!(x["product"], want, "{x}");
+    }
+    // eval: recognition and both AUROCs per product.
+    let rows = ok(&[
+        "eval",
+        "--model",
+        s(&model),
+        "--refs",
+        "4",
+        "--json",
+        "--product",
+        &format!("plate={}", s(&root().join("demo/images"))),
+        "--product",
+        &format!("tile={}", s(&tiles)),
+    ]);
+    println!("MEASURED eval --product (demo model):\n{rows}");
+    let rows: Vec<serde_json::Value> = rows
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 2);
+    assert_eq!(
+        (rows[0]["good"].as_u64(), rows[0]["defective"].as_u64()),
+        (Some(3), Some(8))
+    );
+    assert_eq!(
+        (rows[1]["good"].as_u64(), rows[1]["defective"].as_u64()),
+        (Some(34), Some(36))
+    );
+    for r in &rows {
+        let n = r["good"].as_u64().unwrap() + r["defective"].as_u64().unwrap();
+        assert_eq!(r["recognised"].as_u64(), Some(n), "{r}");
+        // Every image recognised: the set scores each as its own bank does.
+        assert_eq!(r["auroc_separate"], r["auroc_unified"], "{r}");
+    }
+    assert!(rows[0]["auroc_separate"].as_f64().unwrap() > 0.99);
+    // run: the set as model.bank, products recognised per part.
+    let frames = t.path().join("frames");
+    std::fs::create_dir_all(&frames).unwrap();
+    std::fs::copy(
+        root().join("demo/images/test/crack/plate_00.png"),
+        frames.join("0-plate.png"),
+    )
+    .unwrap();
+    let tile = std::fs::read_dir(&crack_tiles)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    std::fs::copy(
+        &tile,
+        frames.join(format!(
+            "1-tile.{}",
+            tile.extension().unwrap().to_str().unwrap()
+        )),
+    )
+    .unwrap();
+    let cfg = t.path().join("line.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[model]\nmodel = {:?}\nbank = {:?}\nthreads = 2\n[source]\nkind = \"folder\"\npath = {:?}\n[log]\nresults = {:?}\n[trigger]\nkind = \"free_run\"\nrate_hz = 5\ncount = 4\n[timing]\ndeadline_ms = 4000\n",
+            s(&model), s(&set), s(&frames), s(&t.path().join("results.jsonl"))
+        ),
+    )
+    .unwrap();
+    let mut d = Daemon::start(&cfg);
+    let log = d.wait_ok();
+    let r = results(t.path());
+    assert_eq!(
+        r.iter()
+            .map(|x| x["product"].as_u64().unwrap())
+            .collect::<Vec<_>>(),
+        vec![1, 2, 1, 2],
+        "{log}"
+    );
+    assert!(log.contains("product 2 (tile) of the bank set"), "{log}");
+    // Bad input, by name.
+    let e = fails(&[
+        "calibrate",
+        "--model",
+        s(&model),
+        "--product",
+        "plate",
+        "--out",
+        s(&set),
+    ]);
+    assert!(e.contains("--product plate: expected NAME=DIR"), "{e}");
+    let e = fails(&[
+        "calibrate",
+        "--model",
+        s(&model),
+        "--product",
+        "a,b=/tmp",
+        "--out",
+        s(&set),
+    ]);
+    assert!(e.contains("\"a,b\""), "{e}");
+    let e = fails(&[
+        "calibrate",
+        "--model",
+        s(&model),
+        "--product",
+        &plate_arg,
+        "--product",
+        &plate_arg,
+        "--out",
+        s(&set),
+    ]);
+    assert!(e.contains("the name plate is given twice"), "{e}");
+    let e = fails(&[
+        "calibrate",
+        "--model",
+        s(&model),
+        "--product",
+        "x=/no/such/dir",
+        "--out",
+        s(&set),
+    ]);
+    assert!(e.contains("/no/such/dir is not a folder"), "{e}");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[model]\nmodel = {:?}\n[source]\nkind = \"folder\"\npath = {:?}\n[[product]]\nid = 1\nname = \"both\"\nbank = {:?}\n",
+            s(&model), s(&frames), s(&set)
+        ),
+    )
+    .unwrap();
+    let e = fails(&["run", "--config", s(&cfg)]);
+    assert!(
+        e.contains("product[0] (id 1, both)") && e.contains("a bank set"),
+        "{e}"
+    );
+}

@@ -65,6 +65,8 @@ struct Loaded {
     status: Status,
     /// The archive's result input, when `[archive]` keeps anything.
     archive_sink: Option<crate::archive::ArchiveSink>,
+    /// How products are selected (`[products] select`; auto for a bank set).
+    select: Option<crate::config::SelectKind>,
 }
 
 /// Config, board profile, source, model and banks: everything whose failure means nothing runs.
@@ -85,12 +87,15 @@ fn load(config_path: &Path, health: &Arc<Health>) -> Result<Loaded> {
     };
     let products = cfg.product_list();
     let (mut judge, infos) = Judge::load(&opts, &products, !cfg.product.is_empty())?;
-    if cfg
+    // A bank set as model.bank holds several products: recognised per frame unless
+    // [products] says otherwise.
+    let select = cfg
         .products
         .as_ref()
-        .is_some_and(|p| p.select == crate::config::SelectKind::Auto)
-    {
-        judge.enable_recognition(&products)?;
+        .map(|p| p.select)
+        .or((infos.len() > 1).then_some(crate::config::SelectKind::Auto));
+    if select == Some(crate::config::SelectKind::Auto) {
+        judge.enable_recognition(&infos)?;
     }
     let archive = cfg.archive.as_ref().and_then(|a| {
         let names = infos.iter().map(|p| (p.id, p.name.clone())).collect();
@@ -153,6 +158,7 @@ fn load(config_path: &Path, health: &Arc<Health>) -> Result<Loaded> {
         stage,
         status,
         archive_sink,
+        select,
     })
 }
 
@@ -363,14 +369,18 @@ pub fn run(config_path: &Path) -> Result<Counters> {
         }
     };
     let Loaded {
-        cfg, stage, status, ..
+        cfg,
+        stage,
+        status,
+        select,
+        ..
     } = loaded;
     let timing = LineTiming {
         deadline: Duration::from_millis(cfg.timing.deadline_ms),
         fifo: cfg.timing.fifo,
         auto_online: cfg.timing.auto_online,
         fault_after: cfg.timing.fault_after,
-        select: cfg.products.as_ref().map(|p| p.select),
+        select,
     };
     let (handle, join) = arbiter::start_with_health(
         timing,

@@ -58,6 +58,15 @@ impl Judge {
                 path: p.bank.clone(),
                 source,
             })?;
+            if edge_ad_calibration::bankset::is_bank_set(&bytes) {
+                if named {
+                    return Err(wrap(edge_ad::Error::Invalid(format!(
+                        "{}: a bank set (several products); give it as model.bank, or one bank per [[product]]",
+                        p.bank.display()
+                    ))));
+                }
+                return Self::load_set(opts, p, &bytes);
+            }
             let index = match inspector.as_mut() {
                 None => {
                     inspector = Some(Inspector::load(opts, &p.bank).map_err(wrap)?);
@@ -114,6 +123,49 @@ impl Judge {
         ))
     }
 
+    /// `model.bank` is a bank set (`calibrate --product`): its products are numbered 1, 2, … in
+    /// the set's order and named as in it; BANK_CRC32 is the set file's for each.
+    fn load_set(
+        opts: &PipelineOptions,
+        p: &ProductSection,
+        bytes: &[u8],
+    ) -> Result<(Self, Vec<ProductInfo>)> {
+        let set = edge_ad_calibration::BankSet::from_bytes(bytes, &p.bank)
+            .map_err(|e| LineError::Runtime(e.into()))?;
+        let inspector = Inspector::load_set(opts, set, &p.bank)?;
+        let names = inspector.product_names().unwrap_or(&[]).to_vec();
+        let crc = crc32(bytes);
+        let mut rules = Vec::new();
+        let mut infos = Vec::new();
+        for (i, name) in names.iter().enumerate() {
+            let header = inspector.header_of(i).expect("set bank loaded");
+            let threshold = header.threshold.value;
+            log::info!(
+                "product {} ({name}) of the bank set {}: {:.1} MB of reference features, threshold {threshold:.4}",
+                i + 1,
+                p.bank.display(),
+                inspector.bank_bytes(i) as f64 / 1e6,
+            );
+            rules.push(Rule {
+                threshold,
+                scale: Scale::for_threshold(header.threshold.normal_min, threshold),
+            });
+            infos.push(ProductInfo {
+                id: (i + 1) as u16,
+                name: name.clone(),
+                bank_crc: crc,
+            });
+        }
+        Ok((
+            Self {
+                inspector,
+                rules,
+                archive: None,
+            },
+            infos,
+        ))
+    }
+
     /// Hand frames of parts the archive may keep to it.
     pub fn set_archive(&mut self, tap: Option<ArchiveTap>) {
         self.archive = tap;
@@ -121,7 +173,7 @@ impl Judge {
 
     /// `select = "auto"`: prepare recognising the products from frames (each bank's signature,
     /// logged); a bank that cannot be recognised is refused naming its product.
-    pub fn enable_recognition(&mut self, products: &[ProductSection]) -> Result<()> {
+    pub fn enable_recognition(&mut self, products: &[ProductInfo]) -> Result<()> {
         self.inspector.enable_recognition().map_err(|(i, e)| {
             let p = &products[i.min(products.len() - 1)];
             LineError::Product {

@@ -17,12 +17,14 @@ use crate::aligned::{self, cell_features};
 use crate::error::{Error, Result};
 use crate::images::list_images;
 use crate::inspector::{
-    check_aligned_dtype, choose_levels, pool_scores, pool_threshold, FeatureSet, LevelChoice,
-    Scorer,
+    check_aligned_dtype, choose_levels, pool_scores, pool_threshold, CalibrateOptions, FeatureSet,
+    Inspector, LevelChoice, Scorer,
 };
 use crate::model::{check_levels, Fit};
 use crate::pipeline::{FrameFeatures, Pipeline, PipelineOptions};
+use crate::preprocess::Rgb8;
 use edge_ad_calibration::aligned::AlignmentIndex;
+use edge_ad_calibration::metrics;
 use edge_ad_calibration::metrics::{aupro, auroc_pairs, f1_max, OperatingPoint, PixelCase};
 use edge_ad_calibration::{Selection, ThresholdRule};
 use edge_ad_kernels::BankDtype;
@@ -438,4 +440,157 @@ fn operating_points(
         Err(e) => op.error = Some(e),
     }
     op
+}
+
+/// One product's row of [`products`]: the separate bank (the product known, as a line with a
+/// PLC-selected product) against the bank set (the product recognised from the frame).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ProductRow {
+    /// The product's name.
+    pub product: String,
+    /// Test images: good, defective.
+    pub good: usize,
+    /// Defective test images.
+    pub defective: usize,
+    /// Test images recognised as this product.
+    pub recognised: usize,
+    /// Test images recognised as another product (their scores come from its bank).
+    pub confused: usize,
+    /// Test images recognised as no product (rejected on the line).
+    pub unrecognised: usize,
+    /// Image AUROC with the product's own bank.
+    pub auroc_separate: Option<f64>,
+    /// Image AUROC through recognition (score ÷ threshold of the bank used; unrecognised =
+    /// rejected).
+    pub auroc_unified: Option<f64>,
+    /// (false rejects, escapes) at calibrate's threshold, own bank.
+    pub verdicts_separate: (usize, usize),
+    /// (false rejects, escapes) through recognition.
+    pub verdicts_unified: (usize, usize),
+}
+
+/// `edge-ad eval --product NAME=DATA …`: calibrate each product from its good parts (DATA's
+/// `train/good`, or `good/`), as `calibrate --product` does, then inspect every test image of
+/// every product (DATA's `test/<type>`, `good` = normal) twice: with its own bank, and through
+/// recognition among all of them. `opts.images` is ignored.
+pub fn products(
+    mut pipeline: Pipeline,
+    data: &[(String, PathBuf)],
+    opts: &CalibrateOptions,
+    mut progress: impl FnMut(&str, usize, usize),
+) -> Result<Vec<ProductRow>> {
+    let mut banks = Vec::with_capacity(data.len());
+    let mut tests = Vec::with_capacity(data.len());
+    for (name, root) in data {
+        let pool = [root.join("train/good"), root.join("good")]
+            .into_iter()
+            .find(|p| p.is_dir())
+            .ok_or_else(|| {
+                Error::Invalid(format!(
+                    "product {name}: {} has neither train/good nor good/",
+                    root.display()
+                ))
+            })?;
+        let test_dir = root.join("test");
+        let listed = list_images(&test_dir)?;
+        if listed.is_empty() {
+            return Err(Error::Invalid(format!(
+                "product {name}: no test images under {}",
+                test_dir.display()
+            )));
+        }
+        let o = CalibrateOptions {
+            images: pool,
+            ..opts.clone()
+        };
+        let (file, _) = crate::inspector::calibrate(&mut pipeline, &o, &mut progress)
+            .map_err(|e| Error::Invalid(format!("product {name}: {e}")))?;
+        banks.push(file);
+        let labelled: Vec<(PathBuf, bool)> = listed
+            .into_iter()
+            .map(|p| {
+                let defective = p
+                    .strip_prefix(&test_dir)
+                    .ok()
+                    .and_then(|r| r.components().next())
+                    .is_some_and(|c| c.as_os_str() != "good");
+                (p, defective)
+            })
+            .collect();
+        tests.push(labelled);
+    }
+    let mut banks = banks.into_iter();
+    let first = banks
+        .next()
+        .ok_or_else(|| Error::Invalid("no product".into()))?;
+    let mut insp = Inspector::with_pipeline(pipeline, first, Path::new(&data[0].0))?;
+    for (b, (name, _)) in banks.zip(&data[1..]) {
+        insp.add_bank_file(b, Path::new(name))?;
+    }
+    insp.enable_recognition()
+        .map_err(|(i, e)| Error::Invalid(format!("product {}: {e}", data[i].0)))?;
+    let total: usize = tests.iter().map(Vec::len).sum();
+    let mut done = 0;
+    let mut rows = Vec::with_capacity(data.len());
+    for (p, images) in tests.iter().enumerate() {
+        let th = |i: &Inspector, b: usize| i.header_of(b).map_or(1.0, |h| h.threshold.value);
+        let own_th = th(&insp, p);
+        let (mut sep, mut uni) = (Vec::new(), Vec::new());
+        let mut row = ProductRow {
+            product: data[p].0.clone(),
+            good: images.iter().filter(|i| !i.1).count(),
+            defective: images.iter().filter(|i| i.1).count(),
+            recognised: 0,
+            confused: 0,
+            unrecognised: 0,
+            auroc_separate: None,
+            auroc_unified: None,
+            verdicts_separate: (0, 0),
+            verdicts_unified: (0, 0),
+        };
+        for (path, defective) in images {
+            let img = Rgb8::open(path)?;
+            let (own, _) = insp.inspect_with(p, &img, path)?;
+            let s = own.score as f64 / own_th;
+            let (rec, routed) = insp.inspect_auto(&img, path)?;
+            let u = match (rec.bank, routed) {
+                (Some(b), Some((i, _))) => {
+                    if b == p {
+                        row.recognised += 1;
+                    } else {
+                        row.confused += 1;
+                    }
+                    i.score as f64 / th(&insp, b)
+                }
+                _ => {
+                    row.unrecognised += 1;
+                    f64::INFINITY
+                }
+            };
+            for (score, v) in [
+                (s, &mut row.verdicts_separate),
+                (u, &mut row.verdicts_unified),
+            ] {
+                let rejected = score.is_nan() || score > 1.0;
+                match (defective, rejected) {
+                    (false, true) => v.0 += 1,
+                    (true, false) => v.1 += 1,
+                    _ => {}
+                }
+            }
+            sep.push((s, *defective));
+            uni.push((u, *defective));
+            done += 1;
+            progress("inspect", done, total);
+        }
+        let auroc = |v: &[(f64, bool)]| {
+            let good: Vec<f64> = v.iter().filter(|x| !x.1).map(|x| x.0.min(1e30)).collect();
+            let bad: Vec<f64> = v.iter().filter(|x| x.1).map(|x| x.0.min(1e30)).collect();
+            metrics::auroc(&good, &bad)
+        };
+        row.auroc_separate = auroc(&sep);
+        row.auroc_unified = auroc(&uni);
+        rows.push(row);
+    }
+    Ok(rows)
 }

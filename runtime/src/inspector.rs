@@ -983,6 +983,8 @@ pub struct Inspector {
     banks: Vec<LoadedBank>,
     /// Per bank, for recognising the product (`select = "auto"`).
     signatures: Option<Vec<crate::recognise::Signature>>,
+    /// Product names, when the banks came from a bank set.
+    names: Option<Vec<String>>,
 }
 
 /// Bank `i`, or an error (never a panic) past the banks loaded.
@@ -999,8 +1001,46 @@ fn ms_since(t: std::time::Instant) -> f64 {
 impl Inspector {
     /// Load a bank file, then the pipeline it was made with; refuse a bank made for another
     /// backbone, description or projector. Without `opts.fit` the bank's fit is used.
+    ///
+    /// A bank set (several products in one file, `calibrate --product`) loads every product's
+    /// bank over the one pipeline, names them ([`Inspector::product_names`]) and prepares
+    /// recognition: [`Inspector::inspect_auto`] then picks the product per frame.
     pub fn load(opts: &PipelineOptions, bank_path: &Path) -> Result<Self> {
-        let file = BankFile::load(bank_path)?;
+        let bytes = std::fs::read(bank_path).map_err(|e| Error::io(bank_path, e))?;
+        if edge_ad_calibration::bankset::is_bank_set(&bytes) {
+            let set = edge_ad_calibration::BankSet::from_bytes(&bytes, bank_path)?;
+            return Self::load_set(opts, set, bank_path);
+        }
+        let file = BankFile::from_bytes(&bytes, bank_path)?;
+        Self::load_file(opts, file, bank_path)
+    }
+
+    /// [`Inspector::load`] of a bank set already read.
+    pub fn load_set(
+        opts: &PipelineOptions,
+        set: edge_ad_calibration::BankSet,
+        bank_path: &Path,
+    ) -> Result<Self> {
+        let mut products = set.products.into_iter();
+        let (first_name, first) = products
+            .next()
+            .ok_or_else(|| Error::Invalid(format!("{}: no product", bank_path.display())))?;
+        let mut names = vec![first_name];
+        let mut insp = Self::load_file(opts, first, &bank_path.join(&names[0]))?;
+        for (name, file) in products {
+            insp.add_bank_file(file, &bank_path.join(&name))?;
+            names.push(name);
+        }
+        insp.names = Some(names);
+        if insp.banks.len() > 1 {
+            insp.enable_recognition().map_err(|(i, e)| {
+                Error::Invalid(format!("{}: product {i}: {e}", bank_path.display()))
+            })?;
+        }
+        Ok(insp)
+    }
+
+    fn load_file(opts: &PipelineOptions, file: BankFile, bank_path: &Path) -> Result<Self> {
         let bank_fit: Fit = file
             .header
             .fit
@@ -1030,6 +1070,7 @@ impl Inspector {
             pipeline,
             banks: vec![bank],
             signatures: None,
+            names: None,
         })
     }
 
@@ -1065,10 +1106,20 @@ impl Inspector {
     /// what differs. Returns its index for [`Inspector::inspect_with`].
     pub fn add_bank(&mut self, bank_path: &Path) -> Result<usize> {
         let file = BankFile::load(bank_path)?;
+        self.add_bank_file(file, bank_path)
+    }
+
+    /// [`Inspector::add_bank`] of a bank already in memory (`bank_path` names it in errors).
+    pub fn add_bank_file(&mut self, file: BankFile, bank_path: &Path) -> Result<usize> {
         let bank = Self::prepare(&self.pipeline, file, bank_path)?;
         self.banks.push(bank);
         self.signatures = None;
         Ok(self.banks.len() - 1)
+    }
+
+    /// The product names of a bank set, in bank order; `None` for a single bank.
+    pub fn product_names(&self) -> Option<&[String]> {
+        self.names.as_deref()
     }
 
     /// Banks loaded (at least one).

@@ -10,7 +10,7 @@ use crate::inspector::CalibrationReport;
 use crate::preprocess::{resize_bicubic, Rgb8};
 use edge_ad_calibration::{BankHeader, ThresholdRule};
 use std::fmt::Write as _;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 fn rule_text(r: &ThresholdRule) -> String {
     match r {
@@ -285,31 +285,70 @@ pub fn save_with_bank(
     r: &CalibrationReport,
     summary: &str,
 ) -> Result<()> {
-    let parent = report_dir
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = report_dir
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "report".into());
-    check_report_dir(report_dir)?;
-    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
-    if let Err(e) = write(&tmp, &bank.header, r, summary) {
+    save_with(
+        || bank.save(bank_path).map_err(Into::into),
+        &[(report_dir, &bank.header, r, summary)],
+    )
+}
+
+/// A report to write: its folder, the bank header, the report and its summary text.
+pub type ReportParts<'a> = (&'a Path, &'a BankHeader, &'a CalibrationReport, &'a str);
+
+/// [`save_with_bank`] for a bank set (`calibrate --product`): one report per product, each
+/// replaced the same way around the one atomic write of the set.
+pub fn save_with_set(
+    set: &edge_ad_calibration::BankSet,
+    set_path: &Path,
+    reports: &[ReportParts<'_>],
+) -> Result<()> {
+    save_with(|| set.save(set_path).map_err(Into::into), reports)
+}
+
+fn save_with(save: impl FnOnce() -> Result<()>, reports: &[ReportParts<'_>]) -> Result<()> {
+    let mut tmps = Vec::with_capacity(reports.len());
+    let cleanup = |tmps: &[PathBuf]| {
+        for t in tmps {
+            let _ = std::fs::remove_dir_all(t);
+        }
+    };
+    for (report_dir, header, r, summary) in reports {
+        let parent = report_dir
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let name = report_dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "report".into());
+        if let Err(e) = check_report_dir(report_dir) {
+            cleanup(&tmps);
+            return Err(e);
+        }
+        let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&tmp);
+        tmps.push(tmp.clone());
+        if let Err(e) = write(&tmp, header, r, summary) {
+            cleanup(&tmps);
+            return Err(e);
+        }
+    }
+    for (report_dir, ..) in reports {
+        if report_dir.exists() {
+            let parent = report_dir.parent().unwrap_or(Path::new("."));
+            let name = report_dir.file_name().unwrap_or_default().to_string_lossy();
+            let old = parent.join(format!(".{name}.old-{}", std::process::id()));
+            std::fs::rename(report_dir, &old).map_err(|e| Error::io(*report_dir, e))?;
+            let _ = std::fs::remove_dir_all(&old);
+        }
+    }
+    if let Err(e) = save() {
+        cleanup(&tmps);
         return Err(e);
     }
-    if report_dir.exists() {
-        let old = parent.join(format!(".{name}.old-{}", std::process::id()));
-        std::fs::rename(report_dir, &old).map_err(|e| Error::io(report_dir, e))?;
-        let _ = std::fs::remove_dir_all(&old);
+    for (tmp, (report_dir, ..)) in tmps.iter().zip(reports) {
+        std::fs::rename(tmp, report_dir).map_err(|e| Error::io(*report_dir, e))?;
     }
-    if let Err(e) = bank.save(bank_path) {
-        let _ = std::fs::remove_dir_all(&tmp);
-        return Err(e.into());
-    }
-    std::fs::rename(&tmp, report_dir).map_err(|e| Error::io(report_dir, e))
+    Ok(())
 }
 
 /// Write the whole report into `dir` (created if needed).
