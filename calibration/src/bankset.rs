@@ -4,10 +4,12 @@
 //!
 //! Layout: `EDGEADBS`, a u32 LE format version, a u32 LE product count, then per product a u16 LE
 //! name length, the name (UTF-8), a u64 LE length and that many bytes of an ordinary bank file
-//! ([`BankFile::to_bytes`], with its own checksum). Every length is checked against the bytes
-//! left before anything is read; each embedded bank is checked as a bank file is.
+//! ([`BankFile::to_bytes`], with its own checksum); last the SHA-256 of everything before it (so
+//! names and framing are covered too). Every length is checked against the bytes left before
+//! anything is read; each embedded bank is checked as a bank file is.
 
 use crate::bankfile::{write_atomic, BankFile, BankFileError};
+use sha2::{Digest, Sha256};
 use std::path::Path;
 
 /// The first bytes of a bank set.
@@ -58,6 +60,8 @@ impl BankSet {
             out.extend_from_slice(&(b.len() as u64).to_le_bytes());
             out.extend_from_slice(&b);
         }
+        let sum = Sha256::digest(&out);
+        out.extend_from_slice(&sum);
         Ok(out)
     }
 
@@ -75,6 +79,13 @@ impl BankSet {
         };
         if !is_bank_set(bytes) {
             return Err(fmt("not an edge-ad bank set (bad magic)".into()));
+        }
+        if bytes.len() < 8 + 8 + 32 {
+            return Err(truncated(8 + 8 + 32));
+        }
+        let (bytes, sum) = bytes.split_at(bytes.len() - 32);
+        if Sha256::digest(bytes).as_slice() != sum {
+            return Err(BankFileError::Checksum { path: path.into() });
         }
         let mut at = 8usize;
         let mut take = |n: usize| -> Result<&[u8], BankFileError> {
@@ -199,16 +210,19 @@ mod tests {
             let e = BankSet::from_bytes(&bytes[..n], p).unwrap_err();
             assert!(e.to_string().contains("set.eab"), "{e}");
         }
-        for i in (0..bytes.len()).step_by(7) {
+        for i in (0..bytes.len()).step_by(3) {
             let mut b = bytes.clone();
             b[i] ^= 0x5A;
-            if let Ok(s) = BankSet::from_bytes(&b, p) {
-                // Only a name byte can change without a checksum noticing; the set stays valid.
-                assert_eq!(s.products.len(), 2, "byte {i}");
-            }
+            assert!(BankSet::from_bytes(&b, p).is_err(), "byte {i} flipped");
         }
         let mut b = bytes.clone();
         b.push(0);
+        assert!(BankSet::from_bytes(&b, p).is_err());
+        // Trailing bytes inside the checksum are refused too.
+        let mut b = bytes[..bytes.len() - 32].to_vec();
+        b.push(0);
+        let sum = Sha256::digest(&b);
+        b.extend_from_slice(&sum);
         let e = BankSet::from_bytes(&b, p).unwrap_err().to_string();
         assert!(e.contains("1 bytes after the last product"), "{e}");
     }
@@ -222,10 +236,14 @@ mod tests {
         assert!(s.to_bytes().unwrap_err().contains("\"a,b\""));
         let empty = BankSet { products: vec![] };
         assert!(empty.to_bytes().unwrap_err().contains("0 products"));
-        // A name changed in the file to one that is not allowed is refused on load.
-        let mut bytes = two().to_bytes().unwrap();
+        // A name changed in the file (checksum recomputed) to one that is not allowed is refused
+        // on load.
+        let full = two().to_bytes().unwrap();
+        let mut bytes = full[..full.len() - 32].to_vec();
         let at = bytes.windows(5).position(|w| w == b"plate").unwrap();
         bytes[at] = b',';
+        let sum = Sha256::digest(&bytes);
+        bytes.extend_from_slice(&sum);
         let e = BankSet::from_bytes(&bytes, Path::new("s"))
             .unwrap_err()
             .to_string();

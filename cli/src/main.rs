@@ -195,9 +195,10 @@ struct CalibrateArgs {
     #[arg(long, required_unless_present = "product", conflicts_with = "product")]
     images: Option<PathBuf>,
     /// Several products in one bank file: NAME=DIR, repeated (DIR: that product's good parts).
-    /// Each product is calibrated as with --images (its own references and threshold; the
-    /// other options apply to each); the bank holds them all and the line recognises the
-    /// product per frame. Reports go to OUT.NAME.report.
+    /// Each product is calibrated as with --images (its own references and threshold; --refs,
+    /// --select, --seed, --levels, the rule and --bank-dtype apply to each); the bank holds them
+    /// all and the line recognises the product per frame, numbering them in this order.
+    /// Reports go to OUT.NAME.report.
     #[arg(long, value_name = "NAME=DIR", conflicts_with_all = ["report", "refs_list", "defects"])]
     product: Vec<String>,
     /// Bank file to write.
@@ -300,14 +301,15 @@ struct EvalArgs {
     /// recognition (right, taken for another product, none), the image AUROC of the separate
     /// bank and of the unified bank set, and false rejects / escapes at calibrate's threshold.
     /// Uses the first --select and --levels.
-    #[arg(long, value_name = "NAME=DATA")]
+    #[arg(long, value_name = "NAME=DATA", conflicts_with = "per_type")]
     product: Vec<String>,
     /// Framings, comma-separated (default: the description's).
     #[arg(long, value_delimiter = ',')]
     fit: Vec<Fit>,
     /// Reference selections, comma-separated (default: aligned, calibrate's default; with
-    /// --bank-dtype f32 pass kmeans, first or random: aligned pools are kept in f16).
-    #[arg(long, value_delimiter = ',', default_value = "aligned")]
+    /// --bank-dtype f32 pass kmeans, first or random: aligned pools are kept in f16; with
+    /// --product, one value, default as calibrate's).
+    #[arg(long, value_delimiter = ',')]
     select: Vec<Selection>,
     /// Level sets separated by `;`: model | all | auto | a list like 2,3.
     #[arg(long, value_delimiter = ';', default_value = "model")]
@@ -763,6 +765,17 @@ fn calibrate_products(
         print!("{summary}");
         done.push((name.clone(), file, report, summary));
     }
+    // Each product must be recognisable (two or more reference images on a level all share),
+    // else the set could not be used: refused before anything is written.
+    if done.len() > 1 {
+        let files: Vec<&edge_ad_calibration::BankFile> = done.iter().map(|d| &d.1).collect();
+        let level = edge_ad::recognise::common_level(&files)
+            .context("the products' banks share no level: calibrate them with the same --levels")?;
+        for (name, file, ..) in &done {
+            edge_ad::recognise::Signature::of(file, level)
+                .with_context(|| format!("product {name}: cannot be recognised"))?;
+        }
+    }
     let set = edge_ad_calibration::BankSet {
         products: done
             .iter()
@@ -932,6 +945,23 @@ fn cmd_eval(args: EvalArgs) -> Result<()> {
             .iter()
             .map(|p| parse_product(p))
             .collect::<Result<Vec<_>>>()?;
+        for (i, (n, _)) in products.iter().enumerate() {
+            if products[..i].iter().any(|(m, _)| m == n) {
+                anyhow::bail!("--product {n}=…: the name {n} is given twice");
+            }
+        }
+        if products.len() < 2 {
+            anyhow::bail!("--product: give at least two products to compare");
+        }
+        for (flag, n) in [
+            ("--fit", fit.len()),
+            ("--select", select.len()),
+            ("--levels", levels.len()),
+        ] {
+            if n > 1 {
+                anyhow::bail!("{flag}: one value with --product (each product is calibrated once)");
+            }
+        }
         let opts = PipelineOptions {
             model,
             onnx,
@@ -993,6 +1023,11 @@ fn cmd_eval(args: EvalArgs) -> Result<()> {
         return Ok(());
     }
     let data = data.context("--data is required without --product")?;
+    let select = if select.is_empty() {
+        vec![Selection::Aligned]
+    } else {
+        select
+    };
     let base = PipelineOptions {
         model,
         onnx,

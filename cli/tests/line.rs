@@ -1604,6 +1604,30 @@ fn a_bank_set_serves_plates_and_magnetic_tiles() {
         s(&set),
     ]);
     assert!(e.contains("/no/such/dir is not a folder"), "{e}");
+    let e = fails(&["eval", "--model", s(&model), "--product", &plate_arg]);
+    assert!(e.contains("at least two products"), "{e}");
+    let e = fails(&[
+        "eval",
+        "--model",
+        s(&model),
+        "--product",
+        &plate_arg,
+        "--product",
+        &plate_arg,
+    ]);
+    assert!(e.contains("the name plate is given twice"), "{e}");
+    let e = fails(&[
+        "eval",
+        "--model",
+        s(&model),
+        "--product",
+        &plate_arg,
+        "--product",
+        &tile_arg,
+        "--fit",
+        "crop,stretch",
+    ]);
+    assert!(e.contains("--fit: one value with --product"), "{e}");
     std::fs::write(
         &cfg,
         format!(

@@ -38,6 +38,9 @@ pub struct Capture {
     pub threshold: f64,
     /// The heatmap's colour scale (the bank's).
     pub scale: Scale,
+    /// The product id the part was inspected as (the result's says 0 for an auto part that
+    /// ended ERR at its deadline after it was recognised).
+    pub product: u16,
 }
 
 enum Msg {
@@ -356,10 +359,14 @@ impl Store {
             ms += 1;
             name = format!("{ms:013}-{:010}", r.tag);
         }
+        let product = match (r.product, c) {
+            (0, Some(c)) => c.product,
+            (p, _) => p,
+        };
         let product_name = self
             .products
             .iter()
-            .find(|p| p.0 == r.product)
+            .find(|p| p.0 == product)
             .map(|p| p.1.clone());
         let tmp = self.dir.join(format!(".tmp-{name}"));
         let fin = self.dir.join(&name);
@@ -375,7 +382,7 @@ impl Store {
             let t = c.map(|c| &c.inspection.timings);
             let record = serde_json::json!({
                 "tag": r.tag,
-                "product": { "id": r.product, "name": product_name },
+                "product": { "id": product, "name": product_name },
                 "time": rfc3339_utc(now.as_secs(), now.subsec_millis()),
                 "unix_ms": unix_ms,
                 "verdict": r.outcome,

@@ -774,7 +774,10 @@ impl LineConfig {
             }
             return Ok(());
         };
-        if let Some(init) = ps.initial {
+        // With model.bank alone the bank may be a set of several products: its count and ids
+        // are checked once it is loaded (daemon).
+        let named = !self.product.is_empty();
+        if let (Some(init), true) = (ps.initial, named) {
             if !self.product_list().iter().any(|p| p.id == init) {
                 return Err(format!(
                     "products.initial: {init} is not the id of a [[product]]"
@@ -789,7 +792,7 @@ impl LineConfig {
             SelectKind::Serial if self.serial.is_none() => {
                 return Err("products.select = \"serial\": needs [serial] (the PRODUCT command)".into())
             }
-            SelectKind::Auto if self.product_list().len() < 2 => {
+            SelectKind::Auto if named && self.product.len() < 2 => {
                 return Err("products.select = \"auto\": needs at least 2 [[product]] entries to tell apart".into())
             }
             SelectKind::Gpio => {

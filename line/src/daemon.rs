@@ -94,7 +94,17 @@ fn load(config_path: &Path, health: &Arc<Health>) -> Result<Loaded> {
         .as_ref()
         .map(|p| p.select)
         .or((infos.len() > 1).then_some(crate::config::SelectKind::Auto));
+    let bad = |message: String| LineError::Config {
+        path: config_path.to_path_buf(),
+        message,
+    };
     if select == Some(crate::config::SelectKind::Auto) {
+        if infos.len() < 2 {
+            return Err(bad(format!(
+                "products.select = \"auto\": {} holds one product; recognition needs at least 2",
+                products[0].bank.display()
+            )));
+        }
         judge.enable_recognition(&infos)?;
     }
     let archive = cfg.archive.as_ref().and_then(|a| {
@@ -104,7 +114,16 @@ fn load(config_path: &Path, health: &Arc<Health>) -> Result<Loaded> {
     let (tap, archive_sink) = archive.unzip();
     judge.set_archive(tap);
     let active = match cfg.products.as_ref().and_then(|p| p.initial) {
-        Some(id) => infos.iter().position(|p| p.id == id).unwrap_or(0),
+        Some(id) => infos.iter().position(|p| p.id == id).ok_or_else(|| {
+            bad(format!(
+                "products.initial: {id} is not the id of a product (ids {})",
+                infos
+                    .iter()
+                    .map(|p| p.id.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
+        })?,
         None => 0,
     };
     let stage: Box<dyn Stage> = match cfg.source.kind {

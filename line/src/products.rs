@@ -25,6 +25,8 @@ struct Rule {
 pub struct Judge {
     inspector: Inspector,
     rules: Vec<Rule>,
+    /// Product id per bank.
+    ids: Vec<u16>,
     archive: Option<ArchiveTap>,
 }
 
@@ -117,6 +119,7 @@ impl Judge {
             Self {
                 inspector,
                 rules,
+                ids: infos.iter().map(|p| p.id).collect(),
                 archive: None,
             },
             infos,
@@ -160,6 +163,7 @@ impl Judge {
             Self {
                 inspector,
                 rules,
+                ids: infos.iter().map(|p| p.id).collect(),
                 archive: None,
             },
             infos,
@@ -248,6 +252,7 @@ impl Judge {
                     inspection: insp,
                     threshold: rule.threshold,
                     scale: rule.scale,
+                    product: self.ids.get(product).copied().unwrap_or(0),
                 });
             }
         }

@@ -1032,11 +1032,6 @@ impl Inspector {
             names.push(name);
         }
         insp.names = Some(names);
-        if insp.banks.len() > 1 {
-            insp.enable_recognition().map_err(|(i, e)| {
-                Error::Invalid(format!("{}: product {i}: {e}", bank_path.display()))
-            })?;
-        }
         Ok(insp)
     }
 
@@ -1225,9 +1220,12 @@ impl Inspector {
     pub fn enable_recognition(
         &mut self,
     ) -> std::result::Result<(), (usize, crate::recognise::SignatureError)> {
+        let files: Vec<&BankFile> = self.banks.iter().map(|b| &b.file).collect();
+        let level = crate::recognise::common_level(&files)
+            .ok_or((0, crate::recognise::SignatureError::NoLevel))?;
         let mut sigs = Vec::with_capacity(self.banks.len());
         for (i, b) in self.banks.iter().enumerate() {
-            sigs.push(crate::recognise::Signature::of(&b.file).map_err(|e| (i, e))?);
+            sigs.push(crate::recognise::Signature::of(&b.file, level).map_err(|e| (i, e))?);
         }
         crate::recognise::set_gaps(&mut sigs);
         self.signatures = Some(sigs);
@@ -1247,8 +1245,14 @@ impl Inspector {
         path: &Path,
     ) -> Result<(crate::recognise::Recognition, Option<(Inspection, Verdict)>)> {
         if self.signatures.is_none() {
-            self.enable_recognition()
-                .map_err(|(i, e)| Error::Invalid(format!("bank {i}: {e}")))?;
+            self.enable_recognition().map_err(|(i, e)| {
+                let name = self
+                    .names
+                    .as_ref()
+                    .and_then(|n| n.get(i))
+                    .map_or(format!("bank {}", i + 1), |n| format!("product {n}"));
+                Error::Invalid(format!("{name}: {e}"))
+            })?;
         }
         let t0 = std::time::Instant::now();
         let frame = self.pipeline.frame_features(img, path)?;

@@ -48,9 +48,27 @@ pub enum SignatureError {
     /// Fewer than two reference images: no spread to measure.
     #[error("auto recognition needs a bank of at least 2 reference images (this one has {0})")]
     TooFewImages(usize),
-    /// The bank stores no level.
-    #[error("the bank stores no level")]
+    /// The bank stores no level that every product's bank stores.
+    #[error("the banks share no stored level to compare frames on")]
     NoLevel,
+    /// The bank's rows do not divide into its windows (a damaged or hand-made header).
+    #[error("{rows} rows do not divide into {windows} windows")]
+    Layout {
+        /// Rows of the level.
+        rows: usize,
+        /// Windows the header declares.
+        windows: usize,
+    },
+}
+
+/// The highest model level every bank stores: signatures must compare frames in one feature
+/// space.
+pub fn common_level(files: &[&BankFile]) -> Option<usize> {
+    let first = files.first()?.header.scored_levels();
+    first
+        .into_iter()
+        .filter(|l| files.iter().all(|f| f.header.scored_levels().contains(l)))
+        .max()
 }
 
 fn unit(mut v: Vec<f32>) -> Vec<f32> {
@@ -67,16 +85,15 @@ fn distance(a: &[f32], b: &[f32]) -> f32 {
 }
 
 impl Signature {
-    /// The signature of a bank file.
-    pub fn of(file: &BankFile) -> Result<Self, SignatureError> {
+    /// The signature of a bank file on model level `level` (see [`common_level`]).
+    pub fn of(file: &BankFile, level: usize) -> Result<Self, SignatureError> {
         let h = &file.header;
         let li = h
-            .levels
-            .len()
-            .checked_sub(1)
+            .scored_levels()
+            .iter()
+            .position(|&l| l == level)
             .ok_or(SignatureError::NoLevel)?;
         let info = &h.levels[li];
-        let level = h.scored_levels()[li];
         let c = info.channels.max(1);
         let rows_of = |r: usize| -> Vec<f32> {
             match &file.levels[li] {
@@ -90,15 +107,23 @@ impl Signature {
             Some(pool) => pool.windows.clone(),
             None => {
                 let refs = h.references.len().max(1);
-                if h.windows.is_multiple_of(refs) {
-                    vec![h.windows / refs; refs]
+                // 0: banks written before the field existed held one window per reference.
+                let w = if h.windows == 0 { refs } else { h.windows };
+                if w.is_multiple_of(refs) {
+                    vec![w / refs; refs]
                 } else {
-                    vec![1; h.windows]
+                    vec![1; w.min(info.rows)]
                 }
             }
         };
         let total: usize = windows.iter().sum();
         let positions = info.rows.checked_div(total).unwrap_or(0);
+        if positions == 0 || positions * total != info.rows {
+            return Err(SignatureError::Layout {
+                rows: info.rows,
+                windows: total,
+            });
+        }
         // Rows the level data really holds (a bank file is checked on load; this keeps a
         // malformed one from reading past its data).
         let avail = match &file.levels[li] {

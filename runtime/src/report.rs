@@ -332,21 +332,43 @@ fn save_with(save: impl FnOnce() -> Result<()>, reports: &[ReportParts<'_>]) -> 
             return Err(e);
         }
     }
+    // Old reports are moved aside and only removed once the new ones are in place; any
+    // failure before the bank is written puts them back.
+    let mut moved: Vec<(PathBuf, PathBuf)> = Vec::new();
+    let restore = |moved: &[(PathBuf, PathBuf)]| {
+        for (dir, old) in moved {
+            let _ = std::fs::rename(old, dir);
+        }
+    };
     for (report_dir, ..) in reports {
         if report_dir.exists() {
             let parent = report_dir.parent().unwrap_or(Path::new("."));
             let name = report_dir.file_name().unwrap_or_default().to_string_lossy();
             let old = parent.join(format!(".{name}.old-{}", std::process::id()));
-            std::fs::rename(report_dir, &old).map_err(|e| Error::io(*report_dir, e))?;
             let _ = std::fs::remove_dir_all(&old);
+            if let Err(e) = std::fs::rename(report_dir, &old) {
+                restore(&moved);
+                cleanup(&tmps);
+                return Err(Error::io(*report_dir, e));
+            }
+            moved.push((report_dir.to_path_buf(), old));
         }
     }
     if let Err(e) = save() {
+        restore(&moved);
         cleanup(&tmps);
         return Err(e);
     }
-    for (tmp, (report_dir, ..)) in tmps.iter().zip(reports) {
-        std::fs::rename(tmp, report_dir).map_err(|e| Error::io(*report_dir, e))?;
+    // The bank is in place: from here a failure leaves it without (some of) its reports,
+    // never beside another calibration's.
+    for (_, old) in &moved {
+        let _ = std::fs::remove_dir_all(old);
+    }
+    for (i, (tmp, (report_dir, ..))) in tmps.iter().zip(reports).enumerate() {
+        if let Err(e) = std::fs::rename(tmp, report_dir) {
+            cleanup(&tmps[i..]);
+            return Err(Error::io(*report_dir, e));
+        }
     }
     Ok(())
 }
